@@ -7,34 +7,32 @@ a top-level package named `kernels` would clash with the PyPI package of that na
 from setuptools import find_packages, setup
 
 _library = find_packages(include=['lstm_attn', 'lstm_attn.*'])
-_kernels = ['lstm_attn.kernels'] + [
-    'lstm_attn.kernels.' + p for p in find_packages(where='kernels')
-]
+_kernels = ['lstm_attn.kernels'] + ['lstm_attn.kernels.' + p for p in find_packages(where='kernels')]
 
 setup(
-    name='lstm_attn',
-    version='0.1.0',
-    description='LSTM and attention language models in JAX/Flax with a Pallas flash-attention kernel.',
-    long_description=open('README.md', encoding='utf-8').read(),
-    long_description_content_type='text/markdown',
-    python_requires='>=3.10',
-    packages=_library + _kernels,
-    package_dir={'lstm_attn.kernels': 'kernels'},
-    install_requires=[
-        'jax>=0.10.2',
-        'flax>=0.12',
-        'optax>=0.2.4',
-        'numpy>=1.26',
-        'orbax-checkpoint>=0.12',
-        'absl-py>=2.1',
-        'ml-collections>=1.0',
-        'sentencepiece>=0.2',
-        'tensorboardX>=2.6',
-    ],
-    extras_require={
-        'test': ['pytest>=8', 'ruff>=0.6'],
-        # torch (CPU build) is optional: only for peer comparisons in the benchmarks and the
-        # torch.nn.LSTM conversion tests, which are skipped without it.
-        'bench': ['matplotlib>=3.8'],
-    },
+  name='lstm_attn',
+  version='0.1.0',
+  description='LSTM and attention language models in JAX/Flax with a Pallas flash-attention kernel.',
+  long_description=open('README.md', encoding='utf-8').read(),
+  long_description_content_type='text/markdown',
+  python_requires='>=3.10',
+  packages=_library + _kernels,
+  package_dir={'lstm_attn.kernels': 'kernels'},
+  install_requires=[
+    'jax>=0.10.2',
+    'flax>=0.12',
+    'optax>=0.2.4',
+    'numpy>=1.26',
+    'orbax-checkpoint>=0.12',
+    'absl-py>=2.1',
+    'ml-collections>=1.0',
+    'sentencepiece>=0.2',
+    'tensorboardX>=2.6',
+  ],
+  extras_require={
+    'test': ['pytest>=8', 'ruff>=0.6'],
+    # torch (CPU build) is optional: only for peer comparisons in the benchmarks and the
+    # torch.nn.LSTM conversion tests, which are skipped without it.
+    'bench': ['matplotlib>=3.8'],
+  },
 )

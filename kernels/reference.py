@@ -87,7 +87,7 @@ def _normalize_window(local_window_size) -> tuple[int, int] | None:
       left, right = local_window_size
     except (TypeError, ValueError):
       raise ValueError(
-          f'local_window_size must be an int or a (left, right) pair of ints, got {local_window_size!r}.'
+        f'local_window_size must be an int or a (left, right) pair of ints, got {local_window_size!r}.'
       ) from None
     window = (int(left), int(right))
   if window[0] < 0 or window[1] < 0:
@@ -106,8 +106,8 @@ def _normalize_segment_ids(segment_ids, batch, q_len, kv_len):
     q_seg = kv_seg = jnp.asarray(segment_ids)
     if q_len != kv_len:
       raise ValueError(
-          f'segment_ids as one array needs q_len == kv_len (got {q_len} and {kv_len}); '
-          'pass a (query_segment_ids, key_value_segment_ids) pair instead.'
+        f'segment_ids as one array needs q_len == kv_len (got {q_len} and {kv_len}); '
+        'pass a (query_segment_ids, key_value_segment_ids) pair instead.'
       )
   if q_seg.shape != (batch, q_len):
     raise ValueError(f'query segment_ids must have shape {(batch, q_len)}, got {q_seg.shape}.')
@@ -129,8 +129,18 @@ def _check_lengths(name, lengths, batch):
   return lengths.astype(jnp.int32)
 
 
-def check_inputs(query, key, value, *, scale=None, is_causal=False, query_seq_lengths=None,
-                 key_value_seq_lengths=None, local_window_size=None, segment_ids=None):
+def check_inputs(
+  query,
+  key,
+  value,
+  *,
+  scale=None,
+  is_causal=False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size=None,
+  segment_ids=None,
+):
   """Validates the shared arguments of every implementation; returns (scale, MaskSpec).
 
   query: [batch, q_len, num_heads, head_dim]; key/value: [batch, kv_len, num_kv_heads, head_dim] with
@@ -138,13 +148,13 @@ def check_inputs(query, key, value, *, scale=None, is_causal=False, query_seq_le
   """
   for name, x in (('query', query), ('key', key), ('value', value)):
     if jnp.ndim(x) != 4:
-      raise ValueError(
-          f'{name} must have rank 4 [batch, seq, heads, head_dim], got shape {jnp.shape(x)}.')
+      raise ValueError(f'{name} must have rank 4 [batch, seq, heads, head_dim], got shape {jnp.shape(x)}.')
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
       raise ValueError(f'{name} must be a float16/bfloat16/float32/float64 array, got {x.dtype}.')
   if not (query.dtype == key.dtype == value.dtype):
     raise ValueError(
-        f'query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.')
+      f'query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}.'
+    )
   batch, q_len, num_heads, head_dim = query.shape
   if key.shape != value.shape:
     raise ValueError(f'key and value must have the same shape, got {key.shape} and {value.shape}.')
@@ -155,34 +165,54 @@ def check_inputs(query, key, value, *, scale=None, is_causal=False, query_seq_le
     raise ValueError(f'key head_dim {kd} does not match query head_dim {head_dim}.')
   if num_kv_heads == 0 or num_heads % num_kv_heads:
     raise ValueError(
-        f'query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}) for GQA/MQA.')
+      f'query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}) for GQA/MQA.'
+    )
   if scale is None:
     scale = 1.0 / math.sqrt(head_dim)
   q_seg, kv_seg = _normalize_segment_ids(segment_ids, batch, q_len, kv_len)
   spec = MaskSpec(
-      is_causal=bool(is_causal),
-      local_window=_normalize_window(local_window_size),
-      query_seq_lengths=_check_lengths('query_seq_lengths', query_seq_lengths, batch),
-      key_value_seq_lengths=_check_lengths('key_value_seq_lengths', key_value_seq_lengths, batch),
-      q_segment_ids=q_seg,
-      kv_segment_ids=kv_seg,
+    is_causal=bool(is_causal),
+    local_window=_normalize_window(local_window_size),
+    query_seq_lengths=_check_lengths('query_seq_lengths', query_seq_lengths, batch),
+    key_value_seq_lengths=_check_lengths('key_value_seq_lengths', key_value_seq_lengths, batch),
+    q_segment_ids=q_seg,
+    kv_segment_ids=kv_seg,
   )
   return float(scale), spec
 
 
-def mha_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                  query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                  segment_ids=None, return_lse=False):
+def mha_reference(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale=None,
+  is_causal=False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size=None,
+  segment_ids=None,
+  return_lse=False,
+):
   """Materialising attention. query [B, T, N, D], key/value [B, S, K, D] -> [B, T, N, D].
 
   Computes in float32 (float64 when given float64, for test references) and returns query.dtype.
   bias: broadcastable to [B, N, T, S]; mask: bool, broadcastable to [B, N, T, S], True = attend.
   With return_lse, also returns the log-sum-exp of the scaled logits, [B, N, T] (-inf for empty rows).
   """
-  scale, spec = check_inputs(query, key, value, scale=scale, is_causal=is_causal,
-                             query_seq_lengths=query_seq_lengths,
-                             key_value_seq_lengths=key_value_seq_lengths,
-                             local_window_size=local_window_size, segment_ids=segment_ids)
+  scale, spec = check_inputs(
+    query,
+    key,
+    value,
+    scale=scale,
+    is_causal=is_causal,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
   batch, q_len, num_heads, _ = query.shape
   kv_len, num_kv_heads = key.shape[1], key.shape[2]
   compute_dtype = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
@@ -210,7 +240,10 @@ def mha_reference(query, key, value, bias=None, mask=None, *, scale=None, is_cau
   out = jnp.einsum('bnts,bsnd->btnd', probs, v, precision=jax.lax.Precision.HIGHEST)
   out = out.astype(query.dtype)
   if return_lse:
-    lse = jnp.where(denom[..., 0] > 0, jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0))
-                    + safe_max[..., 0], -jnp.inf)
+    lse = jnp.where(
+      denom[..., 0] > 0,
+      jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + safe_max[..., 0],
+      -jnp.inf,
+    )
     return out, lse
   return out

@@ -41,10 +41,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
     data = n // fsdp
   if data < 1 or data * fsdp != n:
     raise ValueError(
-        f'mesh.data * mesh.fsdp must equal the number of devices: {data} * {fsdp} != {n}. '
-        'Set mesh.data=-1 to use all devices left after fsdp.')
-  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+      f'mesh.data * mesh.fsdp must equal the number of devices: {data} * {fsdp} != {n}. '
+      'Set mesh.data=-1 to use all devices left after fsdp.'
+    )
+  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def mesh_from_config(config) -> Mesh:
@@ -90,11 +90,13 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
   n = mesh.size
   if global_batch_size % n:
     raise ValueError(
-        f'batch_size={global_batch_size} must be a multiple of the number of devices in the mesh '
-        f'({n} = data {mesh.shape["data"]} x fsdp {mesh.shape["fsdp"]}).')
+      f'batch_size={global_batch_size} must be a multiple of the number of devices in the mesh '
+      f'({n} = data {mesh.shape["data"]} x fsdp {mesh.shape["fsdp"]}).'
+    )
   if global_batch_size % jax.process_count():
     raise ValueError(
-        f'batch_size={global_batch_size} must be a multiple of the number of processes ({jax.process_count()}).')
+      f'batch_size={global_batch_size} must be a multiple of the number of processes ({jax.process_count()}).'
+    )
 
 
 def process_batch_slice(global_batch_size: int) -> slice:
@@ -127,7 +129,8 @@ def maybe_initialize_distributed(config=None) -> bool:
   dist = config.get('distributed', None) if config is not None else None
   enabled = bool(dist and dist.get('enabled', False))
   address = (dist.get('coordinator_address', None) if dist else None) or os.environ.get(
-      'JAX_COORDINATOR_ADDRESS')
+    'JAX_COORDINATOR_ADDRESS'
+  )
   if not enabled and not address:
     return False
   kwargs = {}
@@ -139,8 +142,9 @@ def maybe_initialize_distributed(config=None) -> bool:
       pid = os.environ.get('JAX_PROCESS_ID')
     if num is None or pid is None:
       raise ValueError(
-          'A multi-process run with coordinator_address needs num_processes and process_id '
-          '(config.distributed.* or JAX_NUM_PROCESSES / JAX_PROCESS_ID).')
+        'A multi-process run with coordinator_address needs num_processes and process_id '
+        '(config.distributed.* or JAX_NUM_PROCESSES / JAX_PROCESS_ID).'
+      )
     kwargs['num_processes'] = int(num)
     kwargs['process_id'] = int(pid)
   jax.distributed.initialize(**kwargs)
@@ -169,12 +173,20 @@ def shard_attention(attention_fn, mesh: Mesh, *, batch_axes=MESH_AXES, head_axis
   row_spec = PartitionSpec(batch)
   rows2_spec = PartitionSpec(batch, None)
 
-  def wrapped(query, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None,
-              segment_ids=None, **static_kwargs):
+  def wrapped(
+    query,
+    key,
+    value,
+    *,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    segment_ids=None,
+    **static_kwargs,
+  ):
     per_example = {
-        'query_seq_lengths': query_seq_lengths,
-        'key_value_seq_lengths': key_value_seq_lengths,
-        'segment_ids': segment_ids,
+      'query_seq_lengths': query_seq_lengths,
+      'key_value_seq_lengths': key_value_seq_lengths,
+      'segment_ids': segment_ids,
     }
     present = {k: v for k, v in per_example.items() if v is not None}
 
@@ -185,11 +197,11 @@ def shard_attention(attention_fn, mesh: Mesh, *, batch_axes=MESH_AXES, head_axis
       return attention_fn(q, k, v, **extra, **static_kwargs)
 
     return jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(qkv_spec, qkv_spec, qkv_spec, {k: spec_of(v) for k, v in present.items()}),
-        out_specs=qkv_spec,
-        check_vma=False,
+      body,
+      mesh=mesh,
+      in_specs=(qkv_spec, qkv_spec, qkv_spec, {k: spec_of(v) for k, v in present.items()}),
+      out_specs=qkv_spec,
+      check_vma=False,
     )(query, key, value, present)
 
   return wrapped

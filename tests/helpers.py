@@ -5,10 +5,10 @@ import numpy as np
 
 # Relative L2 error allowed, by the dtype the computation under test ran in.
 TOLERANCE = {
-    np.dtype('float64'): 1e-10,
-    np.dtype('float32'): 1e-5,
-    np.dtype(jnp.bfloat16): 1e-2,
-    np.dtype('float16'): 2e-3,
+  np.dtype('float64'): 1e-10,
+  np.dtype('float32'): 1e-5,
+  np.dtype(jnp.bfloat16): 1e-2,
+  np.dtype('float16'): 2e-3,
 }
 
 
