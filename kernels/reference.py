@@ -167,6 +167,8 @@ def check_inputs(
     raise ValueError(
       f'query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}) for GQA/MQA.'
     )
+  if head_dim == 0:
+    raise ValueError(f'head_dim must be positive, got query shape {query.shape}.')
   if scale is None:
     scale = 1.0 / math.sqrt(head_dim)
   q_seg, kv_seg = _normalize_segment_ids(segment_ids, batch, q_len, kv_len)
