@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -48,10 +49,26 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
 
 
 def mesh_from_config(config) -> Mesh:
+  """The mesh of `config.mesh` (data=-1, fsdp=1 when the section or a field is absent)."""
   mesh_cfg = config.get('mesh', None)
   if mesh_cfg is None:
     return make_mesh()
-  return make_mesh(int(mesh_cfg.get('data', -1)), int(mesh_cfg.get('fsdp', 1)))
+  values = {}
+  for field, default in (('data', -1), ('fsdp', 1)):
+    v = mesh_cfg.get(field, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+      raise ValueError(f'mesh.{field}={v!r} must be an integer.')
+    values[field] = v
+  return make_mesh(values['data'], values['fsdp'])
+
+
+def fsdp_min_size(config, default: int = 2**14) -> int:
+  """`config.mesh.fsdp_min_size` (parameters with fewer elements stay replicated)."""
+  mesh_cfg = config.get('mesh', None)
+  v = default if mesh_cfg is None else mesh_cfg.get('fsdp_min_size', default)
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ValueError(f'mesh.fsdp_min_size={v!r} must be an integer >= 0.')
+  return v
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14) -> PartitionSpec:
@@ -118,13 +135,77 @@ def make_global_batch(local_batch, mesh: Mesh):
   return jax.tree.map(one, local_batch)
 
 
+def global_array_from_full(tree, sharding: NamedSharding):
+  """Global arrays from host data that every process holds whole (e.g. an eval batch or a prompt).
+
+  Each process fills only its addressable shards from its own (identical) copy, so this works across
+  processes, where `jax.device_put` of host data to a sharding spanning processes would not be portable.
+  """
+
+  def one(x):
+    x = np.asarray(x)
+    spec = sharding.spec if x.ndim else PartitionSpec()
+    sh = NamedSharding(sharding.mesh, spec)
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+  return jax.tree.map(one, tree)
+
+
+def eval_batch_sharding(batch_size: int, mesh: Mesh) -> NamedSharding:
+  """Batch-split when `batch_size` divides over the mesh, else replicated (eval batches of any size)."""
+  return batch_sharding(mesh) if batch_size % mesh.size == 0 else replicated(mesh)
+
+
+def host_copy(tree):
+  """Numpy copies of (possibly sharded, multi-process) arrays, whole on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def put_like(tree, like):
+  """`tree`'s leaves placed with the shardings of `like`'s leaves (arrays or ShapeDtypeStructs).
+
+  Leaves already placed that way are kept; others (e.g. parameters restored on one device for
+  fine-tuning) are moved, across processes too (each process fills its own shards from its full copy).
+  Leaves of `like` without a sharding leave the matching leaf as it is.
+  """
+
+  def one(x, ref):
+    target = getattr(ref, 'sharding', None)
+    if target is None:
+      return x
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+      return x
+    if jax.process_count() == 1 or jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.device_put(x, target)
+    host = np.asarray(host_copy(x))
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+  return jax.tree.map(one, tree, like)
+
+
+def with_mesh(fn, mesh: Mesh):
+  """`fn` called (and so traced) under `jax.set_mesh(mesh)`: kernels wrapped with `per_shard_attention`
+  inside it then run per shard."""
+
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return call
+
+
 def maybe_initialize_distributed(config=None) -> bool:
   """Calls `jax.distributed.initialize` when the config or the environment asks for a multi-process run.
 
   Asked for by `config.distributed.enabled`, or by the environment variables JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID (as set by a launcher), or on a cluster JAX detects itself
   (SLURM, Open MPI, Cloud TPU) when `config.distributed.enabled` is True with no address. Returns whether
-  it initialized. Must run before anything touches a JAX device.
+  this call initialized (False when not asked for, or already initialized). Must run before anything
+  touches a JAX device.
   """
   dist = config.get('distributed', None) if config is not None else None
   enabled = bool(dist and dist.get('enabled', False))
@@ -132,6 +213,8 @@ def maybe_initialize_distributed(config=None) -> bool:
     'JAX_COORDINATOR_ADDRESS'
   )
   if not enabled and not address:
+    return False
+  if jax.distributed.is_initialized():
     return False
   kwargs = {}
   if address:
@@ -142,11 +225,24 @@ def maybe_initialize_distributed(config=None) -> bool:
       pid = os.environ.get('JAX_PROCESS_ID')
     if num is None or pid is None:
       raise ValueError(
-        'A multi-process run with coordinator_address needs num_processes and process_id '
-        '(config.distributed.* or JAX_NUM_PROCESSES / JAX_PROCESS_ID).'
+        f'distributed.coordinator_address={address!r} needs distributed.num_processes and '
+        'distributed.process_id (or the environment variables JAX_NUM_PROCESSES and JAX_PROCESS_ID).'
       )
-    kwargs['num_processes'] = int(num)
-    kwargs['process_id'] = int(pid)
+    try:
+      num, pid = int(num), int(pid)
+    except (TypeError, ValueError):
+      raise ValueError(
+        f'distributed.num_processes={num!r} and distributed.process_id={pid!r} must be integers.'
+      ) from None
+    if num < 1 or not 0 <= pid < num:
+      raise ValueError(
+        f'distributed.num_processes={num} must be >= 1 and distributed.process_id={pid} in [0, {num}).'
+      )
+    kwargs['num_processes'] = num
+    kwargs['process_id'] = pid
+  timeout = dist.get('initialization_timeout', None) if dist else None
+  if timeout:
+    kwargs['initialization_timeout'] = int(timeout)
   jax.distributed.initialize(**kwargs)
   return True
 
@@ -189,6 +285,10 @@ def shard_attention(attention_fn, mesh: Mesh, *, batch_axes=MESH_AXES, head_axis
       'segment_ids': segment_ids,
     }
     present = {k: v for k, v in per_example.items() if v is not None}
+    _check_divisible('query/key/value batch', query.shape[0], batch, mesh)
+    if head_axis is not None:
+      _check_divisible('query heads', query.shape[2], (head_axis,), mesh)
+      _check_divisible('key/value heads', key.shape[2], (head_axis,), mesh)
 
     def spec_of(x):
       return jax.tree.map(lambda a: row_spec if a.ndim == 1 else rows2_spec, x)
@@ -205,3 +305,31 @@ def shard_attention(attention_fn, mesh: Mesh, *, batch_axes=MESH_AXES, head_axis
     )(query, key, value, present)
 
   return wrapped
+
+
+def per_shard_attention(attention_fn):
+  """`attention_fn` run per shard whenever it is traced under `jax.set_mesh(mesh)` on a multi-device mesh.
+
+  For kernels the SPMD partitioner cannot split (a Pallas call is opaque to it: it would gather the
+  whole batch onto every device). Under a ('data', 'fsdp') mesh of more than one device, with a batch
+  that the mesh size divides, the call goes through `shard_attention` (batch split over both axes, no
+  communication); otherwise (no mesh, one device, or e.g. a batch of 1 while sampling) it is called as is.
+  The trainer traces its steps under `jax.set_mesh(mesh)`; an attention dispatcher wraps its kernel:
+  `kernel = sharding.per_shard_attention(kernel)`.
+  """
+
+  def wrapped(query, key, value, **kwargs):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != MESH_AXES or query.shape[0] % mesh.size:
+      return attention_fn(query, key, value, **kwargs)
+    return shard_attention(attention_fn, mesh)(query, key, value, **kwargs)
+
+  return wrapped
+
+
+def _check_divisible(what: str, size: int, axes, mesh: Mesh) -> None:
+  n = int(np.prod([mesh.shape[a] for a in axes or ()], dtype=np.int64))
+  if size % n:
+    raise ValueError(
+      f'shard_attention: {what}={size} must be divisible by the mesh axes {tuple(axes)} (size {n}).'
+    )

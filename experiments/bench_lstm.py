@@ -1,0 +1,267 @@
+r"""LSTM benchmark: forward and forward+backward of one layer against Flax, jax.experimental.rnn and torch.
+
+Implementations, all with the same weights and inputs [batch, time, input_size]:
+  ours           lstm_attn.lstm.lstm (input projection hoisted, hand-written backward pass).
+  ours_autodiff  the same forward, gradient by autodiff of lax.scan (custom_vjp=False).
+  flax           flax.nnx.RNN(flax.nnx.OptimizedLSTMCell).
+  lstm_ref       jax.experimental.rnn.lstm_ref (the cuDNN-LSTM reference in JAX).
+  torch          torch.nn.LSTM (only when torch is importable; CPU build; autocast to bf16 for bfloat16).
+
+First every implementation's output and gradients (random cotangent) are checked against ours in float32
+(and its bf16 output against ours in float32); then each is compiled, warmed up and timed. Calls are
+interleaved (one call of each implementation per round) so load changes hit all alike; medians are
+reported with ratios to torch and to ours, and GFLOP/s against a large matmul measured in the same run.
+FLOPs: forward 2 * B * T * (input + hidden) * 4 * hidden; forward+backward 3x the forward.
+
+  python experiments/bench_lstm.py --output=/tmp/bench_lstm.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.experimental import rnn as jax_rnn
+
+from lstm_attn import lstm as lstm_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('batch', 32, 'Batch size.')
+flags.DEFINE_integer('time', 128, 'Sequence length.')
+flags.DEFINE_integer('input_size', 256, 'Input features.')
+flags.DEFINE_integer('hidden_size', 512, 'Hidden size.')
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes: float32 and/or bfloat16.')
+flags.DEFINE_list(
+  'implementations', ['ours', 'ours_autodiff', 'flax', 'lstm_ref', 'torch'], 'Which implementations to run.'
+)
+flags.DEFINE_integer('repeats', 5, 'Timed rounds (after one warm-up call); medians are reported.')
+flags.DEFINE_integer('unroll', lstm_lib.DEFAULT_UNROLL, 'lax.scan unroll of ours.')
+flags.DEFINE_string('output', None, 'Write the results as JSON here.')
+
+
+def _make_jax_impls(params, x, ct, dtype):
+  """name -> (forward(args, x), forward_backward(args, x), args, grad -> dL/dW_hh as [H, 4H]), jitted."""
+  batch, _, features = x.shape
+  hidden = params['w_hh'].shape[1] // 4
+  cdt = jnp.dtype(dtype)
+
+  def ours(custom_vjp):
+    def fwd(p, x):
+      return lstm_lib.lstm({'layer0': p}, x, dtype=cdt, unroll=FLAGS.unroll, custom_vjp=custom_vjp)[0]
+
+    return fwd
+
+  # Flax: the same weights in nnx.RNN(OptimizedLSTMCell) (same gate order and [in, out] layout).
+  rnn = nnx.RNN(nnx.OptimizedLSTMCell(features, hidden, dtype=cdt, rngs=nnx.Rngs(0)))
+  rnn.cell.dense_i.kernel[...] = params['w_ih']
+  rnn.cell.dense_h.kernel[...] = params['w_hh']
+  rnn.cell.dense_h.bias[...] = params['b']
+  graphdef, flax_state = nnx.split(rnn)
+
+  def flax_fwd(state, x):
+    return nnx.merge(graphdef, state)(x.astype(cdt))
+
+  def ref_fwd(p, x):
+    h0 = jnp.zeros((1, batch, hidden), cdt)
+    lengths = jnp.full((batch,), x.shape[1], jnp.int32)
+    w = lambda a: {0: a.T.astype(cdt)}
+    b = {0: p['b'].astype(cdt)}
+    out, _, _ = jax_rnn.lstm_ref(
+      x.astype(cdt), h0, h0, w(p['w_ih']), w(p['w_hh']), b, {0: jnp.zeros_like(b[0])}, lengths,
+      features, hidden, 1, 0.0, False,
+    )  # fmt: skip
+    return out
+
+  ours_w_hh = lambda g: g['w_hh']
+  flax_w_hh = lambda g: g['cell']['dense_h']['kernel'][...]
+  fwds = {
+    'ours': (ours(True), params, ours_w_hh),
+    'ours_autodiff': (ours(False), params, ours_w_hh),
+    'flax': (flax_fwd, flax_state, flax_w_hh),
+    'lstm_ref': (ref_fwd, params, ours_w_hh),
+  }
+  impls = {}
+  for name, (fwd, args, w_hh_grad) in fwds.items():
+
+    def fwd_bwd(p, x, fwd=fwd):
+      out, vjp = jax.vjp(fwd, p, x)
+      return vjp(ct.astype(out.dtype))
+
+    impls[name] = (jax.jit(fwd), jax.jit(fwd_bwd), args, w_hh_grad)
+  return impls
+
+
+def _torch_impls(params, x, ct, dtype):
+  import torch
+
+  torch.manual_seed(0)
+  features = x.shape[-1]
+  hidden = params['w_hh'].shape[1] // 4
+  model = torch.nn.LSTM(features, hidden, batch_first=True)
+  model.load_state_dict(lstm_lib.params_to_torch({'layer0': params}))
+  xt = torch.from_numpy(np.asarray(x, np.float32))
+  ctt = torch.from_numpy(np.asarray(ct, np.float32))
+  autocast = dtype == 'bfloat16'
+
+  def run(x_in):
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+      return model(x_in)[0]
+
+  def fwd():
+    with torch.no_grad():
+      return run(xt).float().numpy()
+
+  def fwd_bwd():
+    model.zero_grad(set_to_none=True)
+    x_in = xt.clone().requires_grad_(True)
+    out = run(x_in)
+    out.backward(ctt.to(out.dtype))
+    return x_in.grad.numpy(), model.weight_hh_l0.grad.numpy()
+
+  return fwd, fwd_bwd, torch.__version__
+
+
+def _time_rounds(calls, repeats):
+  """calls: name -> zero-arg callable (already warm). Interleaves them; returns name -> median seconds."""
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _matmul_peak(dtype):
+  """GFLOP/s of a large matmul of the benchmark's kind, measured now (the hardware's practical limit)."""
+  a = jnp.ones((4096, 768), dtype)
+  b = jnp.ones((768, 2048), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, b))
+  seconds = _time_rounds({'mm': lambda: jax.block_until_ready(f(a, b))}, 5)['mm']
+  return 2 * 4096 * 768 * 2048 / seconds / 1e9
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b)) if np.all(np.isfinite(a)) else float('inf')
+
+
+def main(argv):
+  del argv
+  batch, time_, features, hidden = FLAGS.batch, FLAGS.time, FLAGS.input_size, FLAGS.hidden_size
+  for d in FLAGS.dtypes:
+    if d not in ('float32', 'bfloat16'):
+      raise ValueError(f'--dtypes must be float32 and/or bfloat16, got {d!r}')
+  known = ('ours', 'ours_autodiff', 'flax', 'lstm_ref', 'torch')
+  for name in FLAGS.implementations:
+    if name not in known:
+      raise ValueError(f'--implementations: unknown {name!r}; choose from {known}')
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = lstm_lib.init_lstm(keys[0], features, hidden)['layer0']
+  params['b'] = 0.1 * jax.random.normal(keys[1], params['b'].shape)
+  x = jax.random.normal(keys[2], (batch, time_, features))
+  ct = jax.random.normal(keys[3], (batch, time_, hidden))
+  flops_fwd = 2 * batch * time_ * (features + hidden) * 4 * hidden
+  try:
+    import torch  # noqa: F401
+
+    have_torch = 'torch' in FLAGS.implementations
+  except ImportError:
+    have_torch = False
+
+  results = {
+    'config': {'batch': batch, 'time': time_, 'input_size': features, 'hidden_size': hidden,
+               'repeats': FLAGS.repeats, 'unroll': FLAGS.unroll},
+    'jax_version': jax.__version__, 'backend': jax.default_backend(), 'machine': platform.processor() or
+    platform.machine(), 'cpu_count': __import__('os').cpu_count(),
+    'date': datetime.datetime.now().isoformat(timespec='seconds'), 'runs': [],
+  }  # fmt: skip
+  for dtype in FLAGS.dtypes:
+    tol = 1e-4 if dtype == 'float32' else 3e-2
+    impls = _make_jax_impls(params, x, ct, dtype)
+    impls = {k: v for k, v in impls.items() if k in FLAGS.implementations}
+    calls_fwd, calls_fb = {}, {}
+    # Correctness first: against ours in float32.
+    ref_out = np.asarray(jax.jit(lambda p, x: lstm_lib.lstm({'layer0': p}, x)[0])(params, x))
+    ref_grads = jax.jit(
+      lambda p, x: jax.vjp(lambda p, x: lstm_lib.lstm({'layer0': p}, x, custom_vjp=False)[0], p, x)[1](ct)
+    )(params, x)
+    checks = {}
+    for name, (fwd, fwd_bwd, args, w_hh_grad) in impls.items():
+      out = jax.block_until_ready(fwd(args, x))
+      g_args, g_x = jax.block_until_ready(fwd_bwd(args, x))
+      checks[name] = {
+        'output': _rel(out, ref_out),
+        'grad_x': _rel(g_x, ref_grads[1]),
+        'grad_w_hh': _rel(w_hh_grad(g_args), ref_grads[0]['w_hh']),
+      }
+      calls_fwd[name] = lambda f=fwd, a=args: jax.block_until_ready(f(a, x))
+      calls_fb[name] = lambda f=fwd_bwd, a=args: jax.block_until_ready(f(a, x))
+    torch_version = None
+    if have_torch:
+      t_fwd, t_fb, torch_version = _torch_impls(params, x, ct, dtype)
+      g_x, g_w_hh = t_fb()
+      checks['torch'] = {
+        'output': _rel(t_fwd(), ref_out),
+        'grad_x': _rel(g_x, ref_grads[1]),
+        'grad_w_hh': _rel(g_w_hh.T, ref_grads[0]['w_hh']),
+      }
+      calls_fwd['torch'], calls_fb['torch'] = t_fwd, t_fb
+    for name, errs in checks.items():
+      print(f'[{dtype}] check {name:14s} ' + '  '.join(f'{k} {v:.1e}' for k, v in errs.items()))
+      bad = [k for k, v in errs.items() if not v <= tol]
+      if bad:
+        raise SystemExit(f'{name} ({dtype}) disagrees with ours (float32) on {bad}: {errs} (tol {tol})')
+    # Warm-up already done by the checks; timed rounds.
+    fwd_t = _time_rounds(calls_fwd, FLAGS.repeats)
+    fb_t = _time_rounds(calls_fb, FLAGS.repeats)
+    peak = _matmul_peak(jnp.dtype(dtype))
+    for name in calls_fwd:
+      run = {
+        'dtype': dtype, 'implementation': name, 'forward_ms': 1e3 * fwd_t[name],
+        'forward_backward_ms': 1e3 * fb_t[name], 'check_rel_l2': checks[name],
+        'forward_gflops': flops_fwd / fwd_t[name] / 1e9,
+        'forward_backward_gflops': 3 * flops_fwd / fb_t[name] / 1e9,
+        'matmul_peak_gflops': peak,
+      }  # fmt: skip
+      for base in ('ours', 'torch'):
+        if base in fwd_t:
+          run[f'forward_vs_{base}'] = fwd_t[name] / fwd_t[base]
+          run[f'forward_backward_vs_{base}'] = fb_t[name] / fb_t[base]
+      results['runs'].append(run)
+    if torch_version:
+      results['torch_version'] = torch_version
+
+  header = (
+    f'{"dtype":9s} {"implementation":14s} {"fwd ms":>8s} {"fwd+bwd ms":>11s} {"fb/torch":>9s} {"fb/ours":>8s}'
+    f' {"fb GFLOP/s":>11s} {"of peak":>8s}'
+  )
+  print(
+    f'\nB={batch} T={time_} input={features} hidden={hidden}; medians of {FLAGS.repeats} rounds;', end=' '
+  )
+  print(f'jax {jax.__version__}; {results["cpu_count"]} CPUs')
+  print(header)
+  for r in results['runs']:
+    vs_torch = f'{r["forward_backward_vs_torch"]:.2f}' if 'forward_backward_vs_torch' in r else '-'
+    print(
+      f'{r["dtype"]:9s} {r["implementation"]:14s} {r["forward_ms"]:8.1f} {r["forward_backward_ms"]:11.1f}'
+      f' {vs_torch:>9s} {r.get("forward_backward_vs_ours", float("nan")):8.2f}'
+      f' {r["forward_backward_gflops"]:11.1f} {r["forward_backward_gflops"] / r["matmul_peak_gflops"]:8.0%}'
+    )
+  if FLAGS.output:
+    with open(FLAGS.output, 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'wrote {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,34 @@
+"""BERT-style encoder pre-trained with masked LM (15%: 80/10/10) + next-sentence prediction on the stdlib.
+
+    python experiments/train.py --config=experiments/configs/bert_mlm.py --workdir=/tmp/lstm_attn/bert_mlm
+
+Byte tokenizer, 4 layers of width 128, sequences of 128 bytes ([CLS] A [SEP] B [SEP]). Its workdir is what
+`finetune_cls` restores its encoder from (`--config.init_from`).
+"""
+
+from lstm_attn.train import base_config
+
+
+def get_config():
+  c = base_config('bert')
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.max_len = 128
+  c.model.dropout = 0.1
+  c.data.tokenizer = 'byte'
+  c.data.seq_len = 128
+  c.data.max_bytes = 4_000_000
+  c.batch_size = 32
+  c.num_train_steps = 1500
+  c.optim.learning_rate = 1e-3
+  c.optim.min_learning_rate = 1e-4
+  c.optim.warmup_steps = 100
+  c.optim.b2 = 0.99
+  c.optim.weight_decay = 0.01
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.eval_batches = 10
+  c.sample_tokens = 0
+  return c

@@ -1,0 +1,247 @@
+r"""PyTorch eager GPT of the same shape as gpt_char, for the quality and speed comparison with lstm_attn.
+
+    python experiments/torch_gpt_baseline.py --data_path=../shared/data/tinyshakespeare.txt \
+      --out=/tmp/lstm_attn/torch_gpt.json
+
+1. Correctness first: the torch model, loaded with the JAX model's initial parameters, gives the same
+   logits (relative L2 error printed; must be < 1e-5 in float32).
+2. Speed, side by side: R rounds, each timing `--block` train steps of torch, then `--block` steps of the
+   jitted JAX step (from `lstm_attn.train.build_steps`, the trainer's own), on the same batches. Medians of
+   per-step times per framework and the median of per-round ratios are reported, so machine load hits both
+   alike. Both use every core by default (`--threads`).
+3. Quality (`--train_steps`, default 2000): trains the torch model with the same recipe (AdamW with
+   decay on matrices only, warmup + cosine, clipping 1.0, same batches) and evaluates the whole val split
+   as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
+
+The architecture is lstm_attn's GPT: learned positions, pre-LN blocks with biases, exact GELU, tied
+embeddings; attention is `F.scaled_dot_product_attention(is_causal=True)` (as nanoGPT's flash path).
+"""
+
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags
+
+_DATA = flags.DEFINE_string('data_path', '../shared/data/tinyshakespeare.txt', 'Text file (nanoGPT split).')
+_THREADS = flags.DEFINE_integer('threads', 0, 'torch.set_num_threads (0: os.cpu_count()).')
+_ROUNDS = flags.DEFINE_integer('rounds', 7, 'Timing rounds (each: block torch steps, block JAX steps).')
+_BLOCK = flags.DEFINE_integer('block', 20, 'Steps per framework per round.')
+_TRAIN = flags.DEFINE_integer('train_steps', 2000, 'Torch training steps for the quality number (0: skip).')
+_OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
+
+
+def _config(data_path):
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'gpt_char.py')
+  spec = importlib.util.spec_from_file_location('gpt_char', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.path = data_path
+  return c
+
+
+def _torch_model(vocab, c):
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  d, h, L, T = c.model.d_model, c.model.num_heads, c.model.num_layers, c.model.max_len
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
+      self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
+      self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):  # [B, T, d]
+      B, T_, _ = x.shape
+      y = self.ln1(x)
+      q, k, v = (p(y).view(B, T_, h, d // h).transpose(1, 2) for p in (self.query, self.key, self.value))
+      a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h, T, hd]
+      x = x + self.out(a.transpose(1, 2).reshape(B, T_, d))
+      return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
+      self.blocks = nn.ModuleList(Block() for _ in range(L))
+      self.ln_f = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, idx):  # [B, T] -> [B, T, V]
+      x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+      for b in self.blocks:
+        x = b(x)
+      return self.ln_f(x) @ self.wte.weight.T
+
+  return GPT()
+
+
+def _load_jax_params(model, params):
+  """Copies lstm_attn GPT params (nnx.State) into the torch model (kernels [in, out] -> weight [out, in])."""
+  import torch
+
+  b = params['backbone']
+  sd = {'wte.weight': b['wte']['embedding'], 'wpe.weight': b['wpe']['embedding']}
+  sd['ln_f.weight'], sd['ln_f.bias'] = b['ln_f']['scale'], b['ln_f']['bias']
+  for i, blk in b['blocks'].items():
+    for name in ('query', 'key', 'value', 'out'):
+      sd[f'blocks.{i}.{name}.weight'] = np.asarray(blk['attn'][name]['kernel'][...]).T
+      sd[f'blocks.{i}.{name}.bias'] = blk['attn'][name]['bias']
+    for name in ('fc1', 'fc2'):
+      sd[f'blocks.{i}.{name}.weight'] = np.asarray(blk['mlp'][name]['kernel'][...]).T
+      sd[f'blocks.{i}.{name}.bias'] = blk['mlp'][name]['bias']
+    for ln in ('ln1', 'ln2'):
+      sd[f'blocks.{i}.{ln}.weight'], sd[f'blocks.{i}.{ln}.bias'] = blk[ln]['scale'], blk[ln]['bias']
+  sd = {k: torch.tensor(np.array(v[...] if hasattr(v, 'value') else v)) for k, v in sd.items()}
+  missing = set(model.state_dict()) - set(sd)
+  if missing:
+    raise ValueError(f'torch parameters with no JAX counterpart: {sorted(missing)}')
+  model.load_state_dict(sd)
+
+
+def _torch_optimizer(model, c):
+  import torch
+
+  decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'wte' not in n and 'wpe' not in n]
+  no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'wte' not in n and 'wpe' not in n)]
+  o = c.optim
+  opt = torch.optim.AdamW(
+    [{'params': decay, 'weight_decay': o.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+    lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+  )
+
+  def lr_at(step):  # optax.warmup_cosine_decay_schedule(0, lr, warmup, num_steps, min_lr)
+    if step < o.warmup_steps:
+      return o.learning_rate * step / o.warmup_steps
+    t = min((step - o.warmup_steps) / max(c.num_train_steps - o.warmup_steps, 1), 1.0)
+    return o.min_learning_rate + 0.5 * (o.learning_rate - o.min_learning_rate) * (1 + math.cos(math.pi * t))
+
+  return opt, lr_at
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import torch
+  import torch.nn.functional as F
+
+  from lstm_attn import train, train_inputs
+  from lstm_attn.models import build_model
+
+  threads = _THREADS.value or os.cpu_count()
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  c = _config(_DATA.value)
+  workdir = '/tmp/lstm_attn_torch_baseline'
+  os.makedirs(workdir, exist_ok=True)
+  inputs = train_inputs.make_inputs(c, workdir)
+  vocab = inputs.vocab_size
+  steps, init, jax_step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=vocab, rngs=r), seed=0)
+  state = init()
+
+  # 1. Correctness: same parameters -> same logits.
+  model = _torch_model(vocab, c)
+  _load_jax_params(model, jax.device_get(state['params']))
+  batch = inputs.train.batch(0)
+  jax_logits = np.asarray(train.merged_model(steps, state)(jnp.asarray(batch['inputs'])))
+  with torch.no_grad():
+    torch_logits = model(torch.tensor(batch['inputs'], dtype=torch.long)).numpy()
+  err = float(np.linalg.norm(torch_logits - jax_logits) / np.linalg.norm(jax_logits))
+  print(f'correctness: torch vs JAX logits, relative L2 error {err:.2e}')
+  if not err < 1e-5:
+    raise SystemExit(f'torch baseline does not match the JAX model (rel L2 {err:.2e}); timings would mean nothing')
+
+  # 2. Speed, interleaved.
+  opt, lr_at = _torch_optimizer(model, c)
+
+  def torch_step(b, step):
+    for g in opt.param_groups:
+      g['lr'] = lr_at(step)
+    x = torch.from_numpy(b['inputs']).long()
+    y = torch.from_numpy(b['targets']).long()
+    logits = model(x)
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.grad_clip_norm)
+    opt.step()
+    return loss
+
+  batches = [inputs.train.batch(i) for i in range(_BLOCK.value)]
+  jbatches = [jax.device_put(b) for b in batches]
+  for i in range(3):  # warm-up (compile, allocator)
+    torch_step(batches[i], i)
+    state, m = jax_step(state, jbatches[i])
+  jax.block_until_ready(state)
+  t_torch, t_jax, ratios = [], [], []
+  for r in range(_ROUNDS.value):
+    t0 = time.perf_counter()
+    for i, b in enumerate(batches):
+      float(torch_step(b, i))
+    t1 = time.perf_counter()
+    for b in jbatches:
+      state, m = jax_step(state, b)
+      float(m['loss'])  # per-step sync, as the torch loop's float(loss)
+    t2 = time.perf_counter()
+    tt, tj = (t1 - t0) / len(batches), (t2 - t1) / len(batches)
+    t_torch.append(tt)
+    t_jax.append(tj)
+    ratios.append(tj / tt)
+    print(f'round {r}: torch {1e3 * tt:.2f} ms/step, JAX {1e3 * tj:.2f} ms/step, JAX/torch {tj / tt:.3f}')
+  result = {
+    'torch_ms_per_step_median': 1e3 * statistics.median(t_torch),
+    'jax_ms_per_step_median': 1e3 * statistics.median(t_jax),
+    'jax_over_torch_median_ratio': statistics.median(ratios),
+    'threads': threads,
+    'rounds': _ROUNDS.value,
+    'block': _BLOCK.value,
+    'load_average': os.getloadavg(),
+    'torch': torch.__version__,
+    'jax': jax.__version__,
+    'correctness_rel_l2': err,
+  }
+  print(f'\n| framework | median ms/step |\n|---|---|\n| PyTorch eager ({threads} threads) | '
+        f'{result["torch_ms_per_step_median"]:.2f} |\n| lstm_attn JAX (jit) | {result["jax_ms_per_step_median"]:.2f} |\n'
+        f'JAX / torch, median of per-round ratios: {result["jax_over_torch_median_ratio"]:.3f}')
+
+  # 3. Quality: train the torch model with the same recipe and batches.
+  if _TRAIN.value:
+    model = _torch_model(vocab, c)
+    _load_jax_params(model, jax.device_get(init()['params']))  # same initial parameters as lstm_attn
+    opt, lr_at = _torch_optimizer(model, c)
+    t0 = time.perf_counter()
+    for s in range(_TRAIN.value):
+      loss = torch_step(inputs.train.batch(s), s)
+      if (s + 1) % 500 == 0:
+        print(f'torch step {s + 1}: train loss {float(loss):.4f} ({time.perf_counter() - t0:.0f}s)')
+    model.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+      for b in inputs.eval_batches('val'):
+        logits = model(torch.from_numpy(b['inputs']).long())
+        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), torch.from_numpy(b['targets']).long().view(-1),
+                              reduction='none')
+        w = torch.from_numpy(b['weights']).view(-1)
+        total += float((nll * w).sum())
+        count += float(w.sum())
+    result['torch_val_loss'] = total / count
+    result['torch_train_seconds'] = time.perf_counter() - t0
+    print(f'torch val loss after {_TRAIN.value} steps: {result["torch_val_loss"]:.4f} '
+          f'({result["torch_val_loss"] / math.log(2):.4f} bits/char)')
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

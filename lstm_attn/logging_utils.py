@@ -1,0 +1,120 @@
+"""What a researcher watches: one-line progress logs, metrics as JSONL, TensorBoard event files.
+
+`MetricWriter` writes every record to `<workdir>/metrics.jsonl` (one JSON object per line, with `step`,
+`split` ('train', 'val', 'test', ...) and the scalars) and to TensorBoard (`<workdir>/tensorboard`,
+tag `<split>/<name>`) through one `tensorboardX.SummaryWriter` that is flushed on every eval and closed
+at the end. On resume, `truncate_after(step)` drops JSONL records logged after the restored checkpoint,
+so the file reads as one uninterrupted run. `Progress` formats the one-line train log with tokens/s and
+the time left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of `<workdir>/metrics.jsonl` (FileNotFoundError naming the path if absent)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no {METRICS_FILE} in workdir {workdir!r}: is it the workdir of a training run?')
+  records = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue  # a line cut short by a kill
+  return records
+
+
+class MetricWriter:
+  """JSONL + TensorBoard writer; only the main process should create one."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'), flush_secs=30)
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps only records with step <= `step` (called after restoring the checkpoint at `step`)."""
+    if not os.path.exists(self.path):
+      return
+    kept = [r for r in read_metrics(os.path.dirname(self.path)) if r.get('step', 0) <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      for r in kept:
+        f.write(json.dumps(r) + '\n')
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, split: str, scalars: dict) -> None:
+    record = {'step': int(step), 'split': split, 'time': round(time.time(), 3)}
+    for k, v in scalars.items():
+      record[k] = float(v) if isinstance(v, (int, float)) or hasattr(v, 'dtype') else v
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ('step', 'split', 'time') and isinstance(v, float) and math.isfinite(v):
+          self._tb.add_scalar(f'{split}/{k}', v, int(step))
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+class Progress:
+  """Step timing for the one-line log: tokens/s over the last interval and time left at that rate."""
+
+  def __init__(self, total_steps: int, start_step: int, tokens_per_step: int):
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def line(self, step: int, scalars: dict) -> tuple[str, dict]:
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    dt = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    step_time = dt / steps
+    rates = {'step_time_s': step_time, 'tokens_per_s': self.tokens_per_step / step_time}
+    eta = (self.total_steps - step) * step_time
+    parts = [f'step {step}/{self.total_steps}']
+    parts += [f'{k} {v:.4f}' for k, v in scalars.items()]
+    parts += [f'{rates["tokens_per_s"]:,.0f} tok/s', f'{1e3 * step_time:.1f} ms/step', f'ETA {format_duration(eta)}']
+    return ' | '.join(parts), rates
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stdout, flush=True)

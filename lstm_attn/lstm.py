@@ -1,0 +1,521 @@
+"""Functional LSTM: a pure `lax.scan` over a params pytree, with a hand-written backward pass.
+
+The equations (gate order i, f, g, o as in PyTorch; LSTMP projection when proj_size > 0):
+
+  z_t = x_t @ W_ih + b + h_{t-1} @ W_hh       # [batch, 4 * hidden]
+  i, f, o = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o);  g = tanh(z_g)
+  c_t = f * c_{t-1} + i * g
+  h_t = (o * tanh(c_t)) @ W_hr                # W_hr only when proj_size > 0
+
+Params pytree (weights laid out [in, out]; one bias per cell, since b_ih + b_hh is all that matters):
+
+  {'layer0': {'w_ih': [input_size, 4H], 'w_hh': [R, 4H], 'b': [4H], 'w_hr': [H, P] (only if P > 0)},
+   'layer0_reverse': {...} (bidirectional only), 'layer1': {...}, ...}      with R = P if P > 0 else H.
+
+Speed: the input projection for all time steps and all four gates is one matmul before the scan; each
+step does one fused [R, 4H] recurrent matmul. The backward pass is a `jax.custom_vjp` whose reverse scan
+only does the per-step recurrent matmul (dz_t @ W_hh^T, plus dh_t @ W_hr^T with a projection); the weight
+gradients are single large matmuls over all time steps after the scan (autodiff of `lax.scan` would do a
+small weight-gradient matmul per step instead).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+Params = dict[str, dict[str, jax.Array]]
+
+# Default scan unroll (measured with experiments/bench_lstm.py at B=32, T=128, 256 -> 512 on a 2-core CPU).
+DEFAULT_UNROLL = 1
+
+
+class LSTMCarry(NamedTuple):
+  """State of every layer and direction, in PyTorch's layout (index = layer * num_directions + direction).
+
+  h: [num_layers * num_directions, batch, proj_size or hidden_size]
+  c: [num_layers * num_directions, batch, hidden_size]
+  """
+
+  h: jax.Array
+  c: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameters.
+
+
+def _cell_name(layer: int, direction: int) -> str:
+  return f'layer{layer}' + ('_reverse' if direction else '')
+
+
+def init_lstm(
+  key: jax.Array,
+  input_size: int,
+  hidden_size: int,
+  *,
+  num_layers: int = 1,
+  bidirectional: bool = False,
+  proj_size: int = 0,
+  forget_bias: float = 1.0,
+  orthogonal_recurrent: bool = True,
+  param_dtype: Any = jnp.float32,
+) -> Params:
+  """Returns a params pytree (see the module docstring).
+
+  Input and projection weights are U(-1/sqrt(H), 1/sqrt(H)) as in PyTorch; the bias is zero except the
+  forget gate's, which is `forget_bias`; each gate's block of the recurrent weight is orthogonal when
+  `orthogonal_recurrent` (else PyTorch's uniform).
+  """
+  for name, value, low in (('input_size', input_size, 1), ('hidden_size', hidden_size, 1)):
+    if not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f'{name} must be a positive integer, got {value!r}')
+  if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+    raise ValueError(f'num_layers must be a positive integer, got {num_layers!r}')
+  if not isinstance(proj_size, (int, np.integer)) or not 0 <= proj_size < hidden_size:
+    raise ValueError(f'proj_size must be an integer in [0, hidden_size={hidden_size}), got {proj_size!r}')
+  hidden, recurrent = hidden_size, proj_size or hidden_size
+  num_directions = 2 if bidirectional else 1
+  bound = 1.0 / np.sqrt(hidden)
+  uniform = lambda k, shape: jax.random.uniform(k, shape, param_dtype, -bound, bound)
+  orthogonal = jax.nn.initializers.orthogonal()
+  params = {}
+  for layer in range(num_layers):
+    layer_input = input_size if layer == 0 else recurrent * num_directions
+    for direction in range(num_directions):
+      key, k_ih, k_hh, k_hr = jax.random.split(key, 4)
+      if orthogonal_recurrent:
+        blocks = [orthogonal(k, (recurrent, hidden), param_dtype) for k in jax.random.split(k_hh, 4)]
+        w_hh = jnp.concatenate(blocks, axis=1)
+      else:
+        w_hh = uniform(k_hh, (recurrent, 4 * hidden))
+      b = jnp.zeros((4 * hidden,), param_dtype).at[hidden : 2 * hidden].set(forget_bias)
+      cell = {'w_ih': uniform(k_ih, (layer_input, 4 * hidden)), 'w_hh': w_hh, 'b': b}
+      if proj_size:
+        cell['w_hr'] = uniform(k_hr, (hidden, proj_size))
+      params[_cell_name(layer, direction)] = cell
+  return params
+
+
+class _Config(NamedTuple):
+  num_layers: int
+  num_directions: int
+  input_size: int
+  hidden_size: int
+  proj_size: int
+
+
+def _config(params: Params) -> _Config:
+  """Reads (and checks) the structure of a params pytree."""
+  if not isinstance(params, dict) or 'layer0' not in params:
+    raise ValueError(f"params must be a dict from init_lstm with a 'layer0' entry, got {type(params)}")
+  num_layers = 0
+  while _cell_name(num_layers, 0) in params:
+    num_layers += 1
+  num_directions = 2 if 'layer0_reverse' in params else 1
+  expected = {_cell_name(layer, d) for layer in range(num_layers) for d in range(num_directions)}
+  if set(params) != expected:
+    raise ValueError(f'params has entries {sorted(params)}, expected {sorted(expected)}')
+  cell = params['layer0']
+  hidden = cell['w_hh'].shape[1] // 4
+  proj = cell['w_hr'].shape[1] if 'w_hr' in cell else 0
+  recurrent = proj or hidden
+  for name, cell in params.items():
+    layer_input = cell['w_ih'].shape[0] if name.startswith('layer0') else recurrent * num_directions
+    shapes = {'w_ih': (layer_input, 4 * hidden), 'w_hh': (recurrent, 4 * hidden), 'b': (4 * hidden,)}
+    if proj:
+      shapes['w_hr'] = (hidden, proj)
+    got = {k: tuple(jnp.shape(v)) for k, v in cell.items()}
+    if got != shapes:
+      raise ValueError(f'params[{name!r}] has shapes {got}, expected {shapes}')
+  return _Config(num_layers, num_directions, params['layer0']['w_ih'].shape[0], hidden, proj)
+
+
+def zero_carry(params: Params, batch_size: int) -> LSTMCarry:
+  """All-zero LSTMCarry (float32, or the params' dtype if wider) for `batch_size` examples."""
+  cfg = _config(params)
+  dtype = jnp.promote_types(params['layer0']['w_hh'].dtype, jnp.float32)
+  n = cfg.num_layers * cfg.num_directions
+  return LSTMCarry(
+    h=jnp.zeros((n, batch_size, cfg.proj_size or cfg.hidden_size), dtype),
+    c=jnp.zeros((n, batch_size, cfg.hidden_size), dtype),
+  )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One layer, one direction: the recurrence after the input projection.
+
+
+def _split4(z):
+  return jnp.split(z, 4, axis=-1)
+
+
+def _dot(a, b, cdt, sdt):
+  """a @ b with the inputs in the compute dtype and the result in the state dtype.
+
+  The product is formed in the compute dtype and then widened: XLA:CPU has no bf16 x bf16 -> f32 dot, and
+  on GPU a bf16 dot accumulates in f32 anyway.
+  """
+  a = a.astype(cdt)
+  return jnp.matmul(a, b).astype(sdt)
+
+
+def _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_residuals):
+  """Runs the recurrence. xw: [T, B, 4H] (x @ W_ih + b, state dtype); mask: [T, B, 1] bool or None.
+
+  Returns hs [T, B, R] (the carried h after each step, state dtype), hT, cT and, if keep_residuals,
+  (cs [T, B, H], gates [T, B, 4H]) with gates after their activations.
+  """
+  sdt = h0.dtype
+  w_hh_c = w_hh.astype(cdt)
+  w_hr_c = None if w_hr is None else w_hr.astype(cdt)
+
+  def step(carry, xs):
+    h, c = carry  # [B, R], [B, H]
+    xw_t, valid = xs  # [B, 4H], [B, 1] or None
+    z = xw_t + _dot(h, w_hh_c, cdt, sdt)
+    i, f, g, o = _split4(z)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * jnp.tanh(c_new)  # [B, H]
+    if w_hr_c is not None:
+      h_new = _dot(h_new, w_hr_c, cdt, sdt)  # [B, P]
+    if valid is not None:
+      h_new = jnp.where(valid, h_new, h)
+      c_new = jnp.where(valid, c_new, c)
+    ys = (h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1)) if keep_residuals else h_new
+    return (h_new, c_new), ys
+
+  (hT, cT), ys = lax.scan(step, (h0, c0), (xw, mask), reverse=reverse, unroll=unroll)
+  if keep_residuals:
+    hs, cs, gates = ys
+    return hs, hT, cT, (cs, gates)
+  return ys, hT, cT, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _recurrence(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  """(hs [T, B, R], hT [B, R], cT [B, H]) with a hand-written backward pass (see module docstring)."""
+  hs, hT, cT, _ = _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
+  return hs, hT, cT
+
+
+def _recurrence_fwd(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  hs, hT, cT, (cs, gates) = _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, True)
+  return (hs, hT, cT), (w_hh, w_hr, h0, c0, mask, hs, cs, gates)
+
+
+def _rows(seq):
+  """[T, B, N] -> [T * B, N]."""
+  return seq.reshape(-1, seq.shape[-1])
+
+
+def _shift(seq, first, reverse):
+  """The value before each step in scan order: [first, seq[0], ..., seq[T-2]] (mirrored if reverse)."""
+  if reverse:
+    return jnp.concatenate([seq[1:], first[None]], axis=0)
+  return jnp.concatenate([first[None], seq[:-1]], axis=0)
+
+
+def _recurrence_bwd(reverse, cdt, unroll, residuals, cotangents):
+  w_hh, w_hr, h0, c0, mask, hs, cs, gates = residuals
+  d_hs, d_hT, d_cT = cotangents  # [T, B, R], [B, R], [B, H]
+  sdt = h0.dtype
+  h_prev = _shift(hs, h0, reverse)  # [T, B, R]
+  c_prev = _shift(cs, c0, reverse)  # [T, B, H]
+  w_hh_t = w_hh.T.astype(cdt)  # [4H, R]
+  w_hr_t = None if w_hr is None else w_hr.T.astype(cdt)  # [P, H]
+
+  def step(carry, xs):
+    dh, dc = carry  # cotangents of the carried h [B, R] and c [B, H] after this step
+    d_y, gates_t, c_t, c_prev_t, valid = xs
+    dh = dh + d_y
+    if valid is None:
+      dh_new, dc_new = dh, dc
+    else:  # a padded step passes the carry through unchanged
+      dh_new, dh_pass = jnp.where(valid, dh, 0), jnp.where(valid, 0, dh)
+      dc_new, dc_pass = jnp.where(valid, dc, 0), jnp.where(valid, 0, dc)
+    i, f, g, o = _split4(gates_t)
+    dm = dh_new if w_hr_t is None else _dot(dh_new, w_hr_t, cdt, sdt)
+    tanh_c = jnp.tanh(c_t)  # c_t is c_new wherever the step is valid
+    d_o = dm * tanh_c
+    dc_new = dc_new + dm * o * (1 - tanh_c * tanh_c)
+    dz = jnp.concatenate(
+      [
+        dc_new * g * i * (1 - i),
+        dc_new * c_prev_t * f * (1 - f),
+        dc_new * i * (1 - g * g),
+        d_o * o * (1 - o),
+      ],
+      axis=-1,
+    )  # [B, 4H]
+    dh_prev = _dot(dz, w_hh_t, cdt, sdt)
+    dc_prev = dc_new * f
+    if valid is not None:
+      dh_prev, dc_prev = dh_prev + dh_pass, dc_prev + dc_pass
+    return (dh_prev, dc_prev), (dz, dh_new if w_hr_t is not None else None)
+
+  xs = (d_hs, gates, cs, c_prev, mask)
+  (d_h0, d_c0), (dz, dh_new) = lax.scan(step, (d_hT, d_cT), xs, reverse=not reverse, unroll=unroll)
+  # Weight gradients: one matmul over all time steps and examples each.
+  d_w_hh = _dot(_rows(h_prev).T, _rows(dz).astype(cdt), cdt, sdt)  # [R, 4H]
+  d_w_hr = None
+  if w_hr is not None:
+    m = gates[..., 3 * cs.shape[-1] :] * jnp.tanh(cs)  # o * tanh(c): [T, B, H]
+    d_w_hr = _dot(_rows(m).T, _rows(dh_new).astype(cdt), cdt, sdt)  # [H, P]
+    d_w_hr = d_w_hr.astype(w_hr.dtype)
+  return dz, d_w_hh.astype(w_hh.dtype), d_w_hr, d_h0, d_c0, None
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _recurrence_autodiff(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  hs, hT, cT, _ = _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
+  return hs, hT, cT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public function.
+
+
+def _check_inputs(cfg: _Config, inputs, seq_lengths, initial_carry, dropout, rng):
+  if not hasattr(inputs, 'shape') or jnp.ndim(inputs) != 3:
+    raise ValueError(
+      f'inputs must have rank 3 [batch, time, features], got shape {getattr(inputs, "shape", type(inputs))}'
+    )
+  if not jnp.issubdtype(inputs.dtype, jnp.floating):
+    raise ValueError(f'inputs must have a floating dtype, got {inputs.dtype}')
+  batch, time, features = inputs.shape
+  if features != cfg.input_size:
+    raise ValueError(f'inputs has {features} features (shape {inputs.shape}), params expect {cfg.input_size}')
+  if seq_lengths is not None:
+    if jnp.shape(seq_lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(seq_lengths), jnp.integer):
+      raise ValueError(
+        f'seq_lengths must be an integer array of shape [batch]=({batch},), got shape '
+        f'{jnp.shape(seq_lengths)} and dtype {jnp.result_type(seq_lengths)}'
+      )
+    if not isinstance(seq_lengths, jax.core.Tracer):
+      lengths = np.asarray(seq_lengths)
+      if lengths.size and (lengths.min() < 0 or lengths.max() > time):
+        raise ValueError(f'seq_lengths must lie in [0, time={time}], got {lengths.tolist()}')
+  if initial_carry is not None:
+    if not isinstance(initial_carry, tuple) or len(initial_carry) != 2:
+      raise ValueError(f'initial_carry must be an LSTMCarry(h, c), got {type(initial_carry)}')
+    n = cfg.num_layers * cfg.num_directions
+    want = LSTMCarry((n, batch, cfg.proj_size or cfg.hidden_size), (n, batch, cfg.hidden_size))
+    got = LSTMCarry(*(tuple(jnp.shape(a)) for a in initial_carry))
+    if got != want:
+      raise ValueError(f'initial_carry has shapes h={got.h}, c={got.c}; expected h={want.h}, c={want.c}')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+  if dropout > 0.0 and rng is None:
+    raise ValueError('dropout > 0 needs rng (a jax.random key); pass dropout=0.0 for evaluation')
+
+
+def lstm(
+  params: Params,
+  inputs: jax.Array,
+  *,
+  seq_lengths: jax.Array | None = None,
+  initial_carry: LSTMCarry | None = None,
+  reverse: bool = False,
+  dropout: float = 0.0,
+  rng: jax.Array | None = None,
+  dtype: Any = None,
+  unroll: int = DEFAULT_UNROLL,
+  custom_vjp: bool = True,
+) -> tuple[jax.Array, LSTMCarry]:
+  """Runs a (stacked, optionally bidirectional and projected) LSTM over a batch of sequences.
+
+  Args:
+    params: pytree from `init_lstm` or `params_from_torch`.
+    inputs: [batch, time, input_size].
+    seq_lengths: optional int [batch]; steps t >= seq_lengths[b] are padding: their outputs are exactly
+      zero and they do not change the state, so the final carry is each example's state after its last
+      valid step.
+    initial_carry: optional LSTMCarry (default zeros); see LSTMCarry for the layout.
+    reverse: run every layer from each example's last valid step back to its first (unidirectional only).
+    dropout: dropout rate on the inputs of layers 1..num_layers-1 (as torch.nn.LSTM); needs `rng`.
+    rng: jax.random key for dropout.
+    dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); state, gates and accumulation stay float32
+      (or the params' dtype if wider). Default: the promoted dtype of inputs and params.
+    unroll: `lax.scan` unroll factor of the forward and backward scans.
+    custom_vjp: use the hand-written backward pass (False: plain autodiff of the scan; same values).
+
+  Returns:
+    outputs: [batch, time, num_directions * (proj_size or hidden_size)] in the compute dtype (forward and
+      backward direction concatenated on the last axis), and the final LSTMCarry (state dtype).
+  """
+  cfg = _config(params)
+  _check_inputs(cfg, inputs, seq_lengths, initial_carry, dropout, rng)
+  if reverse and cfg.num_directions == 2:
+    raise ValueError('reverse=True is only defined for a unidirectional LSTM; got bidirectional params')
+  param_dtype = params['layer0']['w_hh'].dtype
+  cdt = jnp.dtype(dtype if dtype is not None else jnp.promote_types(inputs.dtype, param_dtype))
+  sdt = jnp.promote_types(param_dtype, jnp.float32)
+  batch, time, _ = inputs.shape
+  carry = zero_carry(params, batch) if initial_carry is None else initial_carry
+  h_init, c_init = jnp.asarray(carry[0], sdt), jnp.asarray(carry[1], sdt)
+  if time == 0:
+    width = cfg.num_directions * (cfg.proj_size or cfg.hidden_size)
+    return jnp.zeros((batch, 0, width), cdt), LSTMCarry(h_init, c_init)
+  mask = None
+  if seq_lengths is not None:
+    mask = (jnp.arange(time)[:, None] < jnp.asarray(seq_lengths)[None, :])[..., None]  # [T, B, 1]
+  recurrence = _recurrence if custom_vjp else _recurrence_autodiff
+
+  # Time-major inside: transposing the (narrow) inputs once is cheaper than a [B, T, 4H] -> [T, B, 4H]
+  # projection layout, which XLA:CPU runs as a slow non-canonical dot.
+  x = jnp.swapaxes(inputs, 0, 1).astype(cdt)  # [T, B, F]
+  h_final, c_final = [], []
+  for layer in range(cfg.num_layers):
+    if layer > 0 and dropout > 0.0:
+      rng, key = jax.random.split(rng)
+      keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), 0).astype(cdt)
+    outputs = []
+    for direction in range(cfg.num_directions):
+      cell = params[_cell_name(layer, direction)]
+      index = layer * cfg.num_directions + direction
+      # Input projection for all steps and gates at once: [T, B, 4H].
+      xw = _dot(x, cell['w_ih'].astype(cdt), cdt, sdt) + cell['b'].astype(sdt)
+      hs, hT, cT = recurrence(
+        xw, cell['w_hh'], cell.get('w_hr'), h_init[index], c_init[index], mask,
+        bool(reverse) != bool(direction), cdt, unroll,
+      )  # fmt: skip
+      if mask is not None:
+        hs = jnp.where(mask, hs, 0)
+      outputs.append(hs.astype(cdt))  # [T, B, R]
+      h_final.append(hT)
+      c_final.append(cT)
+    x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)  # [T, B, D * R]
+  return jnp.swapaxes(x, 0, 1), LSTMCarry(jnp.stack(h_final), jnp.stack(c_final))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch conversion.
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # torch.Tensor
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value)
+
+
+def params_from_torch(state_dict) -> Params:
+  """Converts a torch.nn.LSTM state_dict (any num_layers, bidirectional, proj_size, bias) to params."""
+  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  if 'weight_ih_l0' not in sd:
+    raise ValueError(f"state_dict is not a torch.nn.LSTM state_dict (no 'weight_ih_l0'); keys: {sorted(sd)}")
+  params = {}
+  layer = 0
+  while f'weight_ih_l{layer}' in sd:
+    for direction, suffix in enumerate(('', '_reverse')):
+      key = f'l{layer}{suffix}'
+      if f'weight_ih_{key}' not in sd:
+        continue
+      w_hh = sd[f'weight_hh_{key}']  # [4H, R]
+      b = sd.get(f'bias_ih_{key}', np.zeros(w_hh.shape[0], w_hh.dtype))
+      b = b + sd.get(f'bias_hh_{key}', np.zeros_like(b))
+      cell = {'w_ih': jnp.asarray(sd[f'weight_ih_{key}'].T), 'w_hh': jnp.asarray(w_hh.T), 'b': jnp.asarray(b)}
+      if f'weight_hr_{key}' in sd:
+        cell['w_hr'] = jnp.asarray(sd[f'weight_hr_{key}'].T)  # torch [P, H] -> [H, P]
+      params[_cell_name(layer, direction)] = cell
+    layer += 1
+  _config(params)
+  return params
+
+
+def params_to_torch(params: Params) -> dict[str, Any]:
+  """Converts params to a torch.nn.LSTM state_dict (torch tensors if torch is importable, else NumPy).
+
+  Our single bias goes to bias_ih; bias_hh is zero (the LSTM only sees their sum).
+  """
+  cfg = _config(params)
+  sd = {}
+  for layer in range(cfg.num_layers):
+    for direction in range(cfg.num_directions):
+      cell = {k: np.asarray(v) for k, v in params[_cell_name(layer, direction)].items()}
+      key = f'l{layer}' + ('_reverse' if direction else '')
+      sd[f'weight_ih_{key}'] = cell['w_ih'].T
+      sd[f'weight_hh_{key}'] = cell['w_hh'].T
+      sd[f'bias_ih_{key}'] = cell['b']
+      sd[f'bias_hh_{key}'] = np.zeros_like(cell['b'])
+      if 'w_hr' in cell:
+        sd[f'weight_hr_{key}'] = cell['w_hr'].T
+  try:
+    import torch
+  except ImportError:
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flax NNX module.
+
+
+class LSTM(nnx.Module):
+  """Thin NNX holder of an `init_lstm` params pytree around `lstm`.
+
+  Between-layer dropout is active only when `deterministic` is False (`model.train()` / `model.eval()`
+  toggle it); its keys come from the 'dropout' stream of `rngs`, kept in the module like nnx.Dropout.
+  """
+
+  def __init__(
+    self,
+    input_size: int,
+    hidden_size: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    proj_size: int = 0,
+    dropout: float = 0.0,
+    dtype: Any = None,
+    forget_bias: float = 1.0,
+    orthogonal_recurrent: bool = True,
+    param_dtype: Any = jnp.float32,
+    deterministic: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+    params = init_lstm(
+      rngs.params(), input_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional,
+      proj_size=proj_size, forget_bias=forget_bias, orthogonal_recurrent=orthogonal_recurrent,
+      param_dtype=param_dtype,
+    )  # fmt: skip
+    self.params = nnx.data(jax.tree.map(nnx.Param, params))
+    self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+    self.bidirectional, self.proj_size = bidirectional, proj_size
+    self.dropout, self.dtype, self.deterministic = dropout, dtype, deterministic
+    self.rngs = rngs['dropout'].fork()
+
+  def set_view(self, deterministic: bool | None = None):
+    """For nnx.view: deterministic=True disables between-layer dropout."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+  def pure_params(self) -> Params:
+    """The params pytree of plain arrays, as `lstm` takes it."""
+    return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+  def zero_carry(self, batch_size: int) -> LSTMCarry:
+    return zero_carry(self.pure_params(), batch_size)
+
+  def __call__(self, inputs, *, seq_lengths=None, initial_carry=None, reverse=False):
+    """inputs [batch, time, input_size] -> (outputs [batch, time, D * (P or H)], final LSTMCarry)."""
+    dropout = 0.0 if self.deterministic else self.dropout
+    rng = self.rngs() if dropout > 0.0 and self.num_layers > 1 else None
+    if rng is None:
+      dropout = 0.0
+    return lstm(
+      self.pure_params(), inputs, seq_lengths=seq_lengths, initial_carry=initial_carry, reverse=reverse,
+      dropout=dropout, rng=rng, dtype=self.dtype,
+    )  # fmt: skip

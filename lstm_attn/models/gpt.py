@@ -1,0 +1,228 @@
+"""GPT: a decoder-only Transformer language model (GPT-2 / nanoGPT layout), in Flax NNX.
+
+    tokens [B, T] -> wte (+ wpe for learned positions) -> dropout -> pre-LN TransformerBlock x L -> ln_f
+                  -> logits = h @ wte.T                       (tied; an untied lm_head when asked)
+
+Initialisation as nanoGPT: every Linear and Embed ~ N(0, 0.02), biases 0, and the two projections that
+write into the residual stream (attn.out, mlp.fc2) ~ N(0, 0.02 / sqrt(2 * num_layers)). Positions are
+learned (wpe, up to max_len) or rotary (applied inside attention; no wpe). Every attention call goes
+through `lstm_attn.attention.MultiHeadAttention`, i.e. `dot_product_attention`.
+
+Parameter layout:
+    model.backbone.wte.embedding            [vocab, d_model]
+    model.backbone.wpe.embedding            [max_len, d_model]    (learned positions only)
+    model.backbone.blocks[i]                lstm_attn.transformer.TransformerBlock (ln1, attn, ln2, mlp)
+    model.backbone.ln_f
+    model.lm_head                           Linear(d_model -> vocab, no bias), only when untied
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lstm_attn.attention import KVCache
+from lstm_attn.models.common import check_tokens, count_params, normal_reinit, residual_std, segment_positions
+from lstm_attn.transformer import ACTIVATIONS, TransformerBlock
+
+Array = jax.Array
+POSITIONS = ('learned', 'rotary')
+
+
+def _is_residual_projection(path) -> bool:
+  names = tuple(str(p) for p in path)
+  return names[-2:] in (('attn', 'out'), ('mlp', 'fc2'))
+
+
+class GPTTrunk(nnx.Module):
+  """Token (+ position) embedding, pre-LN blocks and the final LayerNorm: the reusable backbone."""
+
+  def __init__(
+    self,
+    vocab_size: int,
+    *,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None,
+    mlp_hidden: int,
+    max_len: int,
+    positions: str,
+    dropout: float,
+    activation: str,
+    implementation=None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    for name, v in (
+      ('vocab_size', vocab_size),
+      ('d_model', d_model),
+      ('num_layers', num_layers),
+      ('num_heads', num_heads),
+      ('mlp_hidden', mlp_hidden),
+      ('max_len', max_len),
+    ):
+      if int(v) < 1:
+        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    if positions not in POSITIONS:
+      raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}.')
+    if d_model % num_heads:
+      raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
+    if num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
+      raise ValueError(f'num_kv_heads must divide num_heads ({num_heads}), got {num_kv_heads!r}.')
+    if activation not in ACTIVATIONS:
+      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
+    if not 0.0 <= float(dropout) < 1.0:
+      raise ValueError(f'dropout must be in [0, 1), got {dropout!r}.')
+    self.num_layers, self.max_len, self.positions = num_layers, max_len, positions
+    self.dtype = dtype
+    self.wte = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
+    self.wpe = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs) if positions == 'learned' else None
+    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    self.blocks = nnx.List(
+      [
+        TransformerBlock(
+          d_model,
+          num_heads,
+          mlp_hidden,
+          num_kv_heads=num_kv_heads,
+          dropout=dropout,
+          pre_norm=True,
+          rotary=positions == 'rotary',
+          activation=activation,
+          implementation=implementation,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for _ in range(num_layers)
+      ]
+    )
+    self.ln_f = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    normal_reinit(
+      self,
+      rngs.params(),
+      std=0.02,
+      residual_std=residual_std(num_layers),
+      is_residual=_is_residual_projection,
+    )
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
+    if self.positions == 'learned' and max_len > self.max_len:
+      raise ValueError(
+        f'max_len {max_len} exceeds the learned positions of the model (max_len={self.max_len}).'
+      )
+    return tuple(block.init_cache(batch_size, max_len, dtype) for block in self.blocks)
+
+  def __call__(self, tokens, *, seq_lengths=None, segment_ids=None, positions=None, cache=None):
+    """tokens [B, T] -> hidden [B, T, d_model] (after ln_f); (hidden, new cache) when a cache is given.
+
+    seq_lengths [B]: right padding (keys past the length are hidden). segment_ids [B, T]: packed documents
+    (attention stays inside a segment; positions restart at each segment). positions [B, T] or [T]
+    overrides the defaults (arange; the cache length + arange with a cache).
+    """
+    check_tokens(tokens)
+    batch, seq = tokens.shape
+    if cache is not None:
+      if seq_lengths is not None or segment_ids is not None:
+        raise ValueError('with a cache, seq_lengths and segment_ids must be None.')
+      if positions is None:
+        positions = cache[0].length + jnp.arange(seq, dtype=jnp.int32)  # [T]
+    elif positions is None:
+      positions = (
+        segment_positions(jnp.asarray(segment_ids))
+        if segment_ids is not None
+        else jnp.arange(seq, dtype=jnp.int32)
+      )
+    if self.wpe is not None and cache is None and seq > self.max_len:  # rotary positions extrapolate
+      raise ValueError(
+        f'tokens has {seq} positions but the learned position table has max_len={self.max_len}.'
+      )
+    x = self.wte(tokens)  # [B, T, d]
+    if self.wpe is not None:
+      x = x + self.wpe(positions)  # [(B,) T, d]
+    x = self.drop(x)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      if cache is None:
+        x = block(
+          x, is_causal=True, key_value_seq_lengths=seq_lengths, segment_ids=segment_ids, positions=positions
+        )
+      else:
+        x, c = block(x, is_causal=True, positions=positions, cache=cache[i])
+        new_cache.append(c)
+    x = self.ln_f(x)
+    return x if cache is None else (x, tuple(new_cache))
+
+
+class GPT(nnx.Module):
+  """Causal Transformer language model. `model(tokens) -> logits [B, T, vocab]` (float32)."""
+
+  def __init__(
+    self,
+    vocab_size: int,
+    *,
+    d_model: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    mlp_hidden: int | None = None,
+    max_len: int = 256,
+    positions: str = 'learned',
+    dropout: float = 0.0,
+    tie_embeddings: bool = True,
+    activation: str = 'gelu_tanh',
+    implementation=None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    mlp_hidden = 4 * d_model if mlp_hidden is None else mlp_hidden
+    self.backbone = GPTTrunk(
+      vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      mlp_hidden=mlp_hidden,
+      max_len=max_len,
+      positions=positions,
+      dropout=dropout,
+      activation=activation,
+      implementation=implementation,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.tie_embeddings = bool(tie_embeddings)
+    self.lm_head = (
+      None
+      if self.tie_embeddings
+      else nnx.Linear(
+        d_model, vocab_size, use_bias=False, dtype=dtype, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
+      )
+    )
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), as nanoGPT's estimate_mfu (PaLM appendix B):
+    6 * (params without position embeddings) + 12 * layers * d_model * seq_len for attention."""
+    params = count_params(self)
+    if self.backbone.wpe is not None:
+      params -= self.backbone.wpe.embedding.size
+    d_model = self.backbone.wte.features
+    return 6.0 * params + 12.0 * self.backbone.num_layers * d_model * seq_len
+
+  def logits_from_hidden(self, h):
+    if self.lm_head is None:
+      return self.backbone.wte.attend(h).astype(jnp.float32)
+    return self.lm_head(h).astype(jnp.float32)
+
+  def __call__(self, tokens, *, seq_lengths=None, segment_ids=None, positions=None):
+    h = self.backbone(tokens, seq_lengths=seq_lengths, segment_ids=segment_ids, positions=positions)
+    return self.logits_from_hidden(h)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
+    return self.backbone.init_cache(batch_size, max_len, dtype)
+
+  def decode(self, tokens, cache):
+    """tokens [B, t] continuing the cached sequence -> (logits [B, t, V], new cache)."""
+    h, cache = self.backbone(tokens, cache=cache)
+    return self.logits_from_hidden(h), cache

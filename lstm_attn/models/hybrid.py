@@ -1,0 +1,253 @@
+"""LSTM + causal self-attention language model, in the spirit of SHA-RNN (Merity 2019).
+
+A stack of residual blocks over a width-d stream; every block has an LSTM, some also attend:
+
+    x = embed(tokens)                                  # [B, T, d]
+    for block in blocks:
+      x = x + drop(LSTM(LN(x)))                        # carried state: the block's LSTMCarry
+      if block attends:  x = x + drop(MHA(LN(x), causal))   # single-head when num_heads == 1; KV cache
+      if boom_hidden:    x = x + drop(W2 gelu(W1 LN(x)))    # SHA-RNN's feed-forward "boom" layer
+    logits = LN(x) @ embed.T + bias                    # tied softmax (or an untied Linear)
+
+No positional embedding: the LSTM already knows the order. Every attention call goes through
+`lstm_attn.attention.MultiHeadAttention`, i.e. `dot_product_attention`.
+
+Parameter layout:
+    model.backbone.embed.embedding         [vocab, d_model]
+    model.backbone.blocks[i].lstm_norm / lstm / attn_norm / attn / boom_norm / boom
+    model.backbone.final_norm
+    model.decoder_bias (tied) or model.decoder (untied)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lstm_attn.attention import KVCache, MultiHeadAttention
+from lstm_attn.lstm import LSTM, LSTMCarry
+from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_tokens, uniform_init
+
+Array = jax.Array
+
+
+class HybridCache(NamedTuple):
+  """Decoding state: the LSTM carries of all blocks (stacked: h, c [num_layers, B, d]) and one KVCache per
+  attending block, in block order."""
+
+  carry: LSTMCarry
+  kv: tuple[KVCache, ...]
+
+
+class Boom(nnx.Module):
+  """Feed-forward layer d -> boom_hidden -> d with GELU."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype=None, rngs: nnx.Rngs):
+    self.up = nnx.Linear(d_model, hidden, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(hidden, d_model, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+class HybridBlock(nnx.Module):
+  """LSTM sub-layer, then (optionally) causal self-attention, then (optionally) a boom layer, all residual."""
+
+  def __init__(
+    self,
+    d_model: int,
+    *,
+    attention: bool,
+    num_heads: int,
+    boom_hidden: int,
+    dropout: float,
+    implementation=None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    self.lstm_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    self.lstm = LSTM(d_model, d_model, dtype=dtype, rngs=rngs)
+    self.attn_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if attention else None
+    self.attn = (
+      MultiHeadAttention(
+        num_heads, d_model, dropout=0.0, implementation=implementation, dtype=dtype, rngs=rngs
+      )
+      if attention
+      else None
+    )
+    self.boom_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if boom_hidden else None
+    self.boom = Boom(d_model, boom_hidden, dtype=dtype, rngs=rngs) if boom_hidden else None
+    self.drop = LockedDropout(dropout, rngs=rngs)  # the one dropout of every branch (MHA's own is off)
+
+  def __call__(self, x, *, seq_lengths=None, carry=None, kv_cache=None):
+    """x [B, T, d] -> (x, final LSTMCarry, new KVCache or None)."""
+    y, final = self.lstm(self.lstm_norm(x), seq_lengths=seq_lengths, initial_carry=carry)
+    x = x + self.drop(y)
+    new_kv = None
+    if self.attn is not None:
+      h = self.attn_norm(x)
+      if kv_cache is None:
+        y = self.attn(h, is_causal=True, key_value_seq_lengths=seq_lengths)
+      else:
+        y, new_kv = self.attn(h, is_causal=True, cache=kv_cache)
+      x = x + self.drop(y)
+    if self.boom is not None:
+      x = x + self.drop(self.boom(self.boom_norm(x)))
+    return x, final, new_kv
+
+
+class HybridTrunk(nnx.Module):
+  """Embedding, residual LSTM/attention blocks and a final LayerNorm: the reusable backbone."""
+
+  def __init__(
+    self,
+    vocab_size: int,
+    *,
+    d_model: int,
+    num_layers: int,
+    attention_layers,
+    num_heads: int,
+    boom_hidden: int,
+    dropout: float,
+    embed_dropout: float,
+    implementation=None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    for name, v in (
+      ('vocab_size', vocab_size),
+      ('d_model', d_model),
+      ('num_layers', num_layers),
+      ('num_heads', num_heads),
+    ):
+      if int(v) < 1:
+        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    if d_model % num_heads:
+      raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
+    if int(boom_hidden) < 0:
+      raise ValueError(f'boom_hidden must be >= 0 (0 = no boom layer), got {boom_hidden!r}.')
+    for name, v in (('dropout', dropout), ('embed_dropout', embed_dropout)):
+      if not (0.0 <= float(v) < 1.0):
+        raise ValueError(f'{name} must be in [0, 1), got {v!r}.')
+    attn = set()
+    for i in attention_layers:
+      if not -num_layers <= int(i) < num_layers:
+        raise ValueError(
+          f'attention_layers entries must index the {num_layers} layers, got {tuple(attention_layers)!r}.'
+        )
+      attn.add(int(i) % num_layers)
+    self.num_layers = num_layers
+    self.d_model = d_model
+    self.attention_layers = tuple(sorted(attn))
+    self.dtype = dtype
+    self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
+    self.embed_dropout = EmbeddingDropout(embed_dropout, rngs=rngs)
+    self.input_dropout = LockedDropout(dropout, rngs=rngs)
+    self.blocks = nnx.List(
+      [
+        HybridBlock(
+          d_model,
+          attention=i in attn,
+          num_heads=num_heads,
+          boom_hidden=boom_hidden,
+          dropout=dropout,
+          implementation=implementation,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.final_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> HybridCache:
+    carry = LSTMCarry(
+      jnp.zeros((self.num_layers, batch_size, self.d_model), dtype),
+      jnp.zeros((self.num_layers, batch_size, self.d_model), dtype),
+    )
+    kv = tuple(
+      self.blocks[i].attn.init_cache(batch_size, max_len, self.dtype or dtype) for i in self.attention_layers
+    )
+    return HybridCache(carry, kv)
+
+  def __call__(self, tokens, *, seq_lengths=None, cache: HybridCache | None = None):
+    """tokens [B, T] -> (hidden [B, T, d] after the final LayerNorm, final LSTMCarry stacked over blocks,
+    new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths unsupported)."""
+    check_tokens(tokens)
+    if cache is not None and seq_lengths is not None:
+      raise ValueError('seq_lengths is not supported together with a decoding cache; pass one or the other.')
+    table = self.embed_dropout(self.embed.embedding[...])  # [V, d]
+    x = jnp.take(table, tokens, axis=0)  # [B, T, d]
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    x = self.input_dropout(x)
+    hs, cs, kvs = [], [], []
+    kv_iter = iter(cache.kv) if cache is not None else None
+    for i, block in enumerate(self.blocks):
+      init = None if cache is None else LSTMCarry(cache.carry.h[i : i + 1], cache.carry.c[i : i + 1])
+      kv = next(kv_iter) if (cache is not None and block.attn is not None) else None
+      x, final, new_kv = block(x, seq_lengths=seq_lengths, carry=init, kv_cache=kv)
+      hs.append(final.h)
+      cs.append(final.c)
+      if new_kv is not None:
+        kvs.append(new_kv)
+    carry = LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
+    new_cache = HybridCache(carry, tuple(kvs)) if cache is not None else None
+    return self.final_norm(x), carry, new_cache
+
+
+class LSTMAttentionLM(nnx.Module):
+  """SHA-RNN-style language model. `model(tokens) -> logits [B, T, vocab]` (float32)."""
+
+  def __init__(
+    self,
+    vocab_size: int,
+    *,
+    d_model: int = 256,
+    num_layers: int = 2,
+    attention_layers=(-1,),
+    num_heads: int = 1,
+    boom_hidden: int = 0,
+    dropout: float = 0.0,
+    embed_dropout: float = 0.0,
+    tie_embeddings: bool = True,
+    implementation=None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    self.backbone = HybridTrunk(
+      vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      attention_layers=attention_layers,
+      num_heads=num_heads,
+      boom_hidden=boom_hidden,
+      dropout=dropout,
+      embed_dropout=embed_dropout,
+      implementation=implementation,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.tie_embeddings = bool(tie_embeddings)
+    self.decoder_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32)) if self.tie_embeddings else None
+    self.decoder = None if self.tie_embeddings else nnx.Linear(d_model, vocab_size, dtype=dtype, rngs=rngs)
+
+  def logits_from_hidden(self, h):
+    if self.tie_embeddings:
+      return self.backbone.embed.attend(h).astype(jnp.float32) + self.decoder_bias[...]
+    return self.decoder(h).astype(jnp.float32)
+
+  def __call__(self, tokens, *, seq_lengths=None):
+    h, _, _ = self.backbone(tokens, seq_lengths=seq_lengths)
+    return self.logits_from_hidden(h)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> HybridCache:
+    return self.backbone.init_cache(batch_size, max_len, dtype)
+
+  def decode(self, tokens, cache: HybridCache):
+    """tokens [B, t] continuing the cached sequence -> (logits [B, t, V], new cache)."""
+    h, _, cache = self.backbone(tokens, cache=cache)
+    return self.logits_from_hidden(h), cache

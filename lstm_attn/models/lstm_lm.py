@@ -1,0 +1,188 @@
+"""LSTM language model with AWD-LSTM-style regularisation (Merity et al. 2017), in Flax NNX.
+
+    tokens [B, T] -> embedding (word-type dropout) -> locked dropout -> LSTM_1 -> locked dropout -> ...
+                  -> LSTM_L -> locked dropout -> (projection) -> softmax over the vocabulary (tied or not)
+
+Parameter layout (stable; the classifier in heads.py reuses the trunk under the same name):
+    model.backbone.embed.embedding        [vocab, embed_dim]
+    model.backbone.layers[i]              one single-layer `lstm_attn.lstm.LSTM` per layer
+    model.out_proj                        Linear(width -> embed_dim), only when tied and width != embed_dim
+    model.decoder                         Linear(width -> vocab), only when untied
+    model.decoder_bias                    [vocab], only when tied
+where width = proj_size or hidden_size. The carry is one `LSTMCarry` with the layers stacked first,
+h [num_layers, batch, width] and c [num_layers, batch, hidden_size], as in torch.nn.LSTM.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lstm_attn.lstm import LSTM, LSTMCarry
+from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_tokens, uniform_init
+
+Array = jax.Array
+
+
+def _check_rate(name, rate):
+  if not (0.0 <= float(rate) < 1.0):
+    raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
+
+
+class LSTMTrunk(nnx.Module):
+  """Embedding + stacked LSTM layers with AWD-style dropout. The reusable backbone of LSTMLM.
+
+  Each layer is its own single-layer LSTM so a locked dropout mask (one per sequence, shared over time) can
+  sit between layers; torch.nn.LSTM's inter-layer dropout draws a fresh mask per step instead.
+  """
+
+  def __init__(
+    self,
+    vocab_size: int,
+    *,
+    embed_dim: int,
+    hidden_size: int,
+    num_layers: int,
+    proj_size: int = 0,
+    embed_dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    hidden_dropout: float = 0.0,
+    output_dropout: float = 0.0,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    for name, v in (
+      ('vocab_size', vocab_size),
+      ('embed_dim', embed_dim),
+      ('hidden_size', hidden_size),
+      ('num_layers', num_layers),
+    ):
+      if int(v) < 1:
+        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    if not (proj_size == 0 or 0 < proj_size < hidden_size):
+      raise ValueError(f'proj_size must be 0 or in (0, hidden_size={hidden_size}), got {proj_size!r}.')
+    for name, v in (
+      ('embed_dropout', embed_dropout),
+      ('input_dropout', input_dropout),
+      ('hidden_dropout', hidden_dropout),
+      ('output_dropout', output_dropout),
+    ):
+      _check_rate(name, v)
+    self.num_layers = num_layers
+    self.hidden_size = hidden_size
+    self.width = proj_size or hidden_size
+    self.dtype = dtype
+    self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
+    self.embed_dropout = EmbeddingDropout(embed_dropout, rngs=rngs)
+    self.input_dropout = LockedDropout(input_dropout, rngs=rngs)
+    self.hidden_dropout = LockedDropout(hidden_dropout, rngs=rngs)
+    self.output_dropout = LockedDropout(output_dropout, rngs=rngs)
+    self.layers = nnx.List(
+      [
+        LSTM(embed_dim if i == 0 else self.width, hidden_size, proj_size=proj_size, dtype=dtype, rngs=rngs)
+        for i in range(num_layers)
+      ]
+    )
+
+  def zero_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:
+    return LSTMCarry(
+      h=jnp.zeros((self.num_layers, batch_size, self.width), dtype),  # [L, B, width]
+      c=jnp.zeros((self.num_layers, batch_size, self.hidden_size), dtype),  # [L, B, hidden]
+    )
+
+  def __call__(
+    self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None
+  ) -> tuple[Array, LSTMCarry]:
+    """tokens [B, T] int -> (outputs [B, T, width], final carry with layers stacked first).
+
+    With seq_lengths [B], the final carry of row b is the state after its last valid token and outputs at
+    padded steps are whatever the LSTM module gives there (zeros); carry=None starts from zeros.
+    """
+    check_tokens(tokens)
+    table = self.embed_dropout(self.embed.embedding[...])  # [V, E]; whole word types dropped
+    x = jnp.take(table, tokens, axis=0)  # [B, T, E]
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    x = self.input_dropout(x)
+    hs, cs = [], []
+    for i, layer in enumerate(self.layers):
+      init = None if carry is None else LSTMCarry(carry.h[i : i + 1], carry.c[i : i + 1])
+      x, final = layer(x, seq_lengths=seq_lengths, initial_carry=init)  # [B, T, width]
+      hs.append(final.h)
+      cs.append(final.c)
+      x = self.hidden_dropout(x) if i < self.num_layers - 1 else self.output_dropout(x)
+    return x, LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
+
+
+class LSTMLM(nnx.Module):
+  """Next-token LSTM language model. `model(tokens) -> logits [B, T, vocab]` (float32)."""
+
+  def __init__(
+    self,
+    vocab_size: int,
+    *,
+    embed_dim: int = 128,
+    hidden_size: int = 256,
+    num_layers: int = 2,
+    proj_size: int = 0,
+    tie_embeddings: bool = True,
+    embed_dropout: float = 0.0,
+    input_dropout: float = 0.0,
+    hidden_dropout: float = 0.0,
+    output_dropout: float = 0.0,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
+    self.backbone = LSTMTrunk(
+      vocab_size,
+      embed_dim=embed_dim,
+      hidden_size=hidden_size,
+      num_layers=num_layers,
+      proj_size=proj_size,
+      embed_dropout=embed_dropout,
+      input_dropout=input_dropout,
+      hidden_dropout=hidden_dropout,
+      output_dropout=output_dropout,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.tie_embeddings = bool(tie_embeddings)
+    width = self.backbone.width
+    tied = self.tie_embeddings
+    # Each attribute is assigned once: None where the option leaves it out.
+    self.out_proj = (
+      nnx.Linear(width, embed_dim, dtype=dtype, rngs=rngs) if tied and width != embed_dim else None
+    )
+    self.decoder_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32)) if tied else None
+    self.decoder = None if tied else nnx.Linear(width, vocab_size, dtype=dtype, rngs=rngs)
+
+  def logits_from_hidden(self, h: Array) -> Array:
+    """h [B, T, width] -> logits [B, T, vocab] in float32."""
+    if self.tie_embeddings:
+      if self.out_proj is not None:
+        h = self.out_proj(h)
+      logits = self.backbone.embed.attend(h)
+      return logits.astype(jnp.float32) + self.decoder_bias[...]
+    return self.decoder(h).astype(jnp.float32)
+
+  def forward(
+    self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None
+  ) -> tuple[Array, LSTMCarry]:
+    """(logits [B, T, vocab], final carry). Feeding the carry back continues the sequence exactly."""
+    h, carry = self.backbone(tokens, seq_lengths=seq_lengths, carry=carry)
+    return self.logits_from_hidden(h), carry
+
+  def __call__(
+    self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None
+  ) -> Array:
+    return self.forward(tokens, seq_lengths=seq_lengths, carry=carry)[0]
+
+  # Generation protocol (see lstm_attn.generate): a cache is whatever carries the past; here the carry.
+  def init_cache(self, batch_size: int, max_len: int | None = None, dtype=jnp.float32) -> LSTMCarry:
+    del max_len  # an LSTM's state does not grow with the sequence
+    return self.backbone.zero_carry(batch_size, dtype)
+
+  def decode(self, tokens: Array, cache: LSTMCarry) -> tuple[Array, LSTMCarry]:
+    """tokens [B, t] continuing the sequence summarised by `cache` -> (logits [B, t, V], new cache)."""
+    return self.forward(tokens, carry=cache)

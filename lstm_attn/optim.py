@@ -1,0 +1,96 @@
+"""Optax optimizer from a config: AdamW, linear warmup then cosine decay, global-norm clipping, decay mask.
+
+The optimizer works on a pytree of parameters (an `nnx.State` of `nnx.Param`s, or any pytree of arrays):
+the train step is a pure function of that tree, so the optimizer state mirrors the parameter tree and
+inherits its sharding when a device mesh is added.
+
+Config fields (`config.optim`):
+  learning_rate: peak learning rate, reached after `warmup_steps`.
+  min_learning_rate: the value the cosine decays to at `decay_steps` (nanoGPT's `min_lr`), then held.
+  warmup_steps: linear warmup from 0.
+  decay_steps: end of the cosine (default: `config.num_train_steps`), like nanoGPT's `lr_decay_iters`.
+  b1, b2, eps: Adam moments.
+  weight_decay: decoupled decay (AdamW), applied only where `decay_mask` says so.
+  grad_clip_norm: clip the global gradient norm to this (0 or None: no clipping).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+# Parameter names (any path component, lower case) that never get weight decay: biases, normalisation
+# scales and offsets, and embeddings (token, position, segment).
+_NO_DECAY_NAMES = ('bias', 'scale', 'norm', 'ln', 'embed', 'embedding', 'wte', 'wpe', 'pos_emb')
+
+
+def _path_names(path) -> list[str]:
+  names = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)).lower())
+        break
+  return names
+
+
+def _decays(path, leaf) -> bool:
+  if getattr(leaf, 'ndim', 0) < 2:
+    return False  # biases, scales, scalars
+  for name in _path_names(path):
+    if name == 'value':
+      continue
+    if name in _NO_DECAY_NAMES or 'embed' in name or 'norm' in name:
+      return False
+  return True
+
+
+def decay_mask(params):
+  """A pytree of bools like `params`: True where weight decay applies (matrices that are not embeddings).
+
+  Biases, LayerNorm/RMSNorm scales and offsets (anything with fewer than 2 dimensions or a path component
+  naming a norm) and embedding tables (a path component containing 'embed') are excluded.
+  """
+  return jax.tree_util.tree_map_with_path(_decays, params)
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup 0 -> learning_rate over warmup_steps, cosine to min_learning_rate at decay_steps."""
+  o = config.optim
+  decay_steps = int(o.get('decay_steps', None) or config.num_train_steps)
+  warmup = int(o.warmup_steps)
+  if warmup < 0 or decay_steps < 1:
+    raise ValueError(
+      f'optim.warmup_steps={warmup} must be >= 0 and optim.decay_steps={decay_steps} must be >= 1.'
+    )
+  if o.learning_rate <= 0:
+    raise ValueError(f'optim.learning_rate={o.learning_rate} must be positive.')
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=float(o.learning_rate),
+    warmup_steps=min(warmup, decay_steps),
+    decay_steps=max(decay_steps, warmup + 1),
+    end_value=float(o.get('min_learning_rate', 0.0)),
+  )
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW(schedule, b1, b2, eps, weight_decay, mask=decay_mask)."""
+  o = config.optim
+  parts = []
+  clip = o.get('grad_clip_norm', None)
+  if clip:
+    if clip < 0:
+      raise ValueError(f'optim.grad_clip_norm={clip} must be positive (or 0 for no clipping).')
+    parts.append(optax.clip_by_global_norm(float(clip)))
+  parts.append(
+    optax.adamw(
+      learning_rate=learning_rate_schedule(config),
+      b1=float(o.get('b1', 0.9)),
+      b2=float(o.get('b2', 0.999)),
+      eps=float(o.get('eps', 1e-8)),
+      weight_decay=float(o.get('weight_decay', 0.0)),
+      mask=decay_mask,
+    )
+  )
+  return optax.chain(*parts)

@@ -1,0 +1,180 @@
+"""What the trainer feeds: corpus -> tokenizer -> train batcher and eval batches, per objective.
+
+`make_inputs(config, workdir)` returns an `Inputs` with
+  tokenizer, tokenizer_path, vocab_size, seq_len, tokens_per_step;
+  train: a resumable batcher (`next()`, `state()`, `restore(state)`, from `lstm_attn.data`);
+  eval_splits and `eval_batches(split)`: a fresh, deterministic, finite iterator of batches;
+  chars_per_token / bytes_per_token per eval split (1.0 exactly for char / byte tokenizers), to turn bits
+  per token into bits per character / byte.
+
+Config fields read (config.data unless noted):
+  path: None or '' for the embedded stdlib corpus; a text file (nanoGPT's 90/10 split) or a folder.
+  required: if True, a missing/empty `path` is an error (for experiments whose numbers mean that data).
+  max_bytes: cap the corpus (None: all of it).
+  tokenizer: 'byte' | 'char' | 'bpe' | 'unigram';  vocab_size: subword vocabulary size.
+  seq_len; mode ('random' like nanoGPT, or 'sequential').
+  config.batch_size, config.eval_batch_size (default batch_size), config.eval_batches (max batches per
+  eval; 0 or None: the whole split), config.seed.
+  classification (config.num_classes set): config.data.per_class ... see `_classification`.
+Fine-tuning (config.init_from set) reuses the tokenizer saved in the pretraining workdir, so token ids
+mean what the pretrained embeddings learned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from lstm_attn.data import batching, classification, corpora, tokenizers
+
+
+@dataclasses.dataclass
+class Inputs:
+  tokenizer: object
+  tokenizer_path: str
+  seq_len: int
+  tokens_per_step: int
+  train: object
+  eval_splits: tuple[str, ...]
+  _eval_fn: Callable[[str], Iterator[dict]]
+  chars_per_token: dict = dataclasses.field(default_factory=dict)
+  bytes_per_token: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self.tokenizer.vocab_size)
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    return self._eval_fn(split)
+
+
+def _find_tokenizer(path: str) -> str:
+  """The tokenizer file saved by the run whose workdir (or checkpoint folder inside it) is `path`."""
+  p = os.path.abspath(os.path.expanduser(path))
+  for _ in range(4):  # workdir, workdir/checkpoints, workdir/checkpoints/<step>
+    for name in ('tokenizer.json', 'tokenizer.model'):
+      if os.path.isfile(os.path.join(p, name)):
+        return os.path.join(p, name)
+    p = os.path.dirname(p)
+  raise FileNotFoundError(
+    f'config.init_from={path!r}: no tokenizer.json / tokenizer.model in that workdir or above it; '
+    'init_from must point at the workdir (or a checkpoint) of a run made by experiments/train.py.'
+  )
+
+
+def _tokenizer(config, corpus, workdir):
+  d = config.data
+  if config.get('init_from', ''):
+    src = _find_tokenizer(config.init_from)
+    tok = tokenizers.load_tokenizer(src)
+    dst = os.path.join(workdir, os.path.basename(src))
+    if not os.path.exists(dst):
+      tok.save(dst)
+    return tok, dst
+  kind = d.get('tokenizer', 'byte')
+  vocab = d.get('vocab_size', None) if kind in ('bpe', 'unigram', 'sentencepiece') else None
+  text = corpus.text('train') if kind != 'byte' else None
+  tok = tokenizers.make_tokenizer(kind, text, workdir, vocab)
+  path = os.path.join(workdir, 'tokenizer.model' if kind in ('bpe', 'unigram', 'sentencepiece') else 'tokenizer.json')
+  return tok, path
+
+
+def _load_corpus(config):
+  d = config.data
+  path = d.get('path', None) or None
+  if d.get('required', False) and path is None:
+    raise ValueError(
+      f'config.data.path is required for this experiment ({config.model.name}) but is empty: pass '
+      '--config.data.path=<text file>, e.g. ../shared/data/tinyshakespeare.txt.'
+    )
+  if path is not None:
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'config.data.path={path!r} does not exist (give a text file or a folder of them).')
+  return corpora.load_corpus(path, max_bytes=d.get('max_bytes', None))
+
+
+def _limit(it, n):
+  return itertools.islice(it, n) if n else it
+
+
+def make_inputs(config, workdir: str) -> Inputs:
+  if config.get('num_classes', None):
+    return _classification(config, workdir)
+  corpus = _load_corpus(config)
+  tok, tok_path = _tokenizer(config, corpus, workdir)
+  seq_len = int(config.data.seq_len)
+  seed = int(config.seed)
+  bs = int(config.batch_size)
+  ebs = int(config.get('eval_batch_size', None) or bs)
+  n_eval = int(config.get('eval_batches', 0) or 0)
+  splits = ('val', 'test') if not corpus.info.get('test_is_val', False) else ('val',)
+  if config.model.name == 'bert':
+    train = batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok)
+    eval_docs = {s: corpus.documents(s) for s in splits}
+    eval_batchers = {
+      s: batching.BertBatcher(eval_docs[s], ebs, seq_len, seed=seed + 1000 + i, tokenizer=tok)
+      for i, s in enumerate(splits)
+    }
+
+    def eval_fn(split):
+      b = eval_batchers[split]
+      return (b.batch(i) for i in range(n_eval or 20))
+
+    return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn)
+
+  ids = {s: np.asarray(tok.encode(corpus.text(s)), np.int32) for s in ('train', *splits)}
+  train = batching.LMBatcher(ids['train'], bs, seq_len, seed=seed, mode=config.data.get('mode', 'random'))
+  chars, nbytes = {}, {}
+  for s in splits:
+    text = corpus.text(s)
+    n_tok = max(len(ids[s]), 1)
+    chars[s] = len(text) / n_tok
+    nbytes[s] = len(text.encode('utf-8')) / n_tok
+
+  def eval_fn(split):
+    return _limit(batching.eval_batches(ids[split], ebs, seq_len, pad_id=tok.pad_id), n_eval)
+
+  return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn, chars, nbytes)
+
+
+def _classification(config, workdir: str) -> Inputs:
+  """The embedded stdlib package-classification task (lstm_attn.data.classification).
+
+  config.data.snippets_per_class: (train, val, test) snippets per class; config.data.seq_len.
+  The tokenizer is the pretraining run's (config.init_from) or built from the stdlib corpus train split.
+  BERT inputs start with [CLS] (its pooled head reads position 0).
+  """
+  d = config.data
+  if config.get('init_from', ''):
+    tok, tok_path = _tokenizer(config, None, workdir)
+  else:
+    kind = d.get('tokenizer', 'byte')
+    corpus = None if kind == 'byte' else _load_corpus(config)
+    tok, tok_path = _tokenizer(config, corpus, workdir)
+  seq_len = int(d.seq_len)
+  seed = int(config.seed)
+  task = classification.stdlib_classification_task(
+    tok,
+    seq_len,
+    snippets_per_class=tuple(d.get('snippets_per_class', (512, 64, 64))),
+    seed=seed,
+    add_cls=config.model.name == 'bert',
+  )
+  if len(task['class_names']) != int(config.num_classes):
+    raise ValueError(
+      f'config.num_classes={config.num_classes} but the stdlib task here has {len(task["class_names"])} '
+      f'classes ({task["class_names"]}); set --config.num_classes={len(task["class_names"])}.'
+    )
+  bs = int(config.batch_size)
+  ebs = int(config.get('eval_batch_size', None) or bs)
+  train = classification.ClassificationBatcher(task['train'], bs, seed=seed)
+
+  def eval_fn(split):
+    return classification.classification_eval_batches(task[split], ebs)
+
+  return Inputs(tok, tok_path, seq_len, bs * seq_len, train, ('val', 'test'), eval_fn)

@@ -1,0 +1,390 @@
+"""dot_product_attention (every backend, every mask), rotary embeddings and MultiHeadAttention with its cache.
+
+References: a float64 NumPy implementation of the equations (tests/attention_np.py), and
+jax.nn.dot_product_attention itself for semantics (rows it leaves as a uniform average are the fully
+masked rows we return as zeros, so only rows that see a key are compared with it).
+"""
+
+import attention_np as ref_np
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import TOLERANCE, assert_close
+
+from lstm_attn import attention
+from lstm_attn.attention import KVCache, MultiHeadAttention, apply_rotary, dot_product_attention
+
+# name -> q_len T, kv_len S and the mask arguments. Odd sizes on purpose; several cases have query rows
+# that see no key at all (kv length 0, segment absent from the keys, window past the kv length).
+CASES = {
+    'none': dict(T=7, S=7),
+    'causal_q_shorter': dict(T=5, S=11, causal=True),
+    'causal_q_longer': dict(T=11, S=5, causal=True),
+    'lengths_causal': dict(T=7, S=7, causal=True, q_lens=[7, 4], kv_lens=[5, 1]),
+    'kv_lengths_empty_rows': dict(T=7, S=9, kv_lens=[0, 5]),
+    'window_causal': dict(T=7, S=7, causal=True, window=(3, 0)),
+    'window_right_empty_rows': dict(T=5, S=9, window=(0, 2), q_lens=[5, 4], kv_lens=[9, 3]),
+    'segments': dict(T=7, S=7, window=2, seg=[[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 2, 2, 2, 2]]),
+    'segments_pair_empty_rows': dict(T=5, S=9, seg=([[0, 0, 1, 1, 3], [5, 5, 5, 6, 6]],
+                                                    [[0, 0, 0, 1, 1, 1, 1, 2, 2], [5] * 9])),
+    'everything': dict(T=9, S=9, causal=True, window=(4, 0), q_lens=[9, 6], kv_lens=[8, 9],
+                       seg=[[0, 0, 0, 0, 1, 1, 1, 1, 1], [2, 2, 3, 3, 3, 3, 3, 3, 3]]),
+}
+
+def randn(seed, shape, dtype=jnp.float32):
+  """Standard normal test data from NumPy (jax.random would compile a kernel for every new shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32).astype(dtype))
+
+
+def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.float32):
+  q = randn(seed, (batch, q_len, heads, head_dim), dtype)
+  k = randn(seed + 1000, (batch, kv_len, kv_heads, head_dim), dtype)
+  v = randn(seed + 2000, (batch, kv_len, kv_heads, head_dim), dtype)
+  return q, k, v
+
+
+def _case(name, heads=4, kv_heads=2, head_dim=8, dtype=jnp.float32, seed=0):
+  """Inputs, our keyword arguments and the float64 NumPy mask [B, 1, T, S] for one CASES entry."""
+  c = CASES[name]
+  q, k, v = _inputs(seed, 2, c['T'], c['S'], heads, kv_heads, head_dim, dtype)
+  kwargs = dict(is_causal=c.get('causal', False), local_window_size=c.get('window'))
+  np_kw = dict(causal=c.get('causal', False), window=c.get('window'))
+  if 'q_lens' in c:
+    kwargs['query_seq_lengths'] = jnp.array(c['q_lens'], jnp.int32)
+    np_kw['q_lens'] = c['q_lens']
+  if 'kv_lens' in c:
+    kwargs['key_value_seq_lengths'] = jnp.array(c['kv_lens'], jnp.int32)
+    np_kw['kv_lens'] = c['kv_lens']
+  if 'seg' in c:
+    seg = c['seg']
+    if isinstance(seg, tuple):
+      kwargs['segment_ids'] = tuple(jnp.array(s, jnp.int32) for s in seg)
+      np_kw['q_seg'], np_kw['kv_seg'] = seg
+    else:
+      kwargs['segment_ids'] = jnp.array(seg, jnp.int32)
+      np_kw['q_seg'] = np_kw['kv_seg'] = seg
+  keep = ref_np.mask(2, c['T'], c['S'], **np_kw)
+  return (q, k, v), kwargs, keep
+
+
+def _empty_rows(keep):
+  """[B, T] bool: query rows that see no key."""
+  return ~keep[:, 0].any(-1)
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla'])
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_matches_jax_nn(name, implementation):
+  (q, k, v), kwargs, keep = _case(name)
+  # jax.nn with its own causal/length/window flags; segment ids only exist as its dense mask.
+  seg_mask = None
+  if 'seg' in CASES[name]:
+    seg = CASES[name]['seg']
+    q_seg, kv_seg = seg if isinstance(seg, tuple) else (seg, seg)
+    seg_mask = jnp.asarray(np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
+
+  @jax.jit
+  def both(q, k, v):
+    ours = dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+    theirs = jax.nn.dot_product_attention(
+        q, k, v, mask=seg_mask, is_causal=kwargs['is_causal'],
+        query_seq_lengths=kwargs.get('query_seq_lengths'),
+        key_value_seq_lengths=kwargs.get('key_value_seq_lengths'),
+        local_window_size=kwargs['local_window_size'], implementation='xla')
+    return ours, theirs
+
+  out, expected = (np.asarray(a) for a in both(q, k, v))
+  empty = _empty_rows(keep)
+  assert_close(out[~empty], expected[~empty], what=f'{name} rows with a key')
+  assert np.all(out[empty] == 0.0), f'{name}: fully masked rows must be exactly zero'
+  if name.endswith('empty_rows'):
+    assert empty.any(), 'this case is meant to have fully masked rows'
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla'])
+def test_gqa_is_mha_with_repeated_key_value_heads(implementation):
+  heads, kv_heads = 6, 3
+  (q, k, v), kwargs, _ = _case('lengths_causal', heads=heads, kv_heads=kv_heads)
+  group = heads // kv_heads  # query head h uses key/value head h // group (contiguous groups, as jax.nn)
+  attend = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+  rep = lambda x: jnp.repeat(x, group, axis=2)
+
+  @jax.jit
+  def all_three(q, k, v):
+    lone = attend(q[:, :, group:group + 1], k[:, :, 1:2], v[:, :, 1:2])  # query head 2 alone, kv head 1
+    return attend(q, k, v), attend(q, rep(k), rep(v)), lone
+
+  out, repeated, lone = all_three(q, k, v)
+  assert_close(out, repeated)
+  assert_close(out[:, :, group:group + 1], lone, what='query head `group` uses kv head 1')
+
+
+def _value_and_vjp(fn, args, d_out):
+  """fn(*args) and the gradients of <fn(*args), d_out> (a random cotangent, never a .sum())."""
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(d_out)
+
+
+TOL = {  # relative L2 error vs float64, by (input dtype, quantity)
+    (jnp.float32, 'out'): TOLERANCE[np.dtype('float32')],
+    (jnp.float32, 'grad'): TOLERANCE[np.dtype('float32')],
+    (jnp.bfloat16, 'out'): TOLERANCE[np.dtype(jnp.bfloat16)],
+    (jnp.bfloat16, 'grad'): 2e-2,  # gradients pass through bf16 probabilities and bf16 cotangents
+}
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16'])
+@pytest.mark.parametrize('implementation', ['reference', 'xla'])
+@pytest.mark.parametrize('name,heads,kv_heads', [('everything', 4, 2), ('segments_pair_empty_rows', 2, 2),
+                                                 ('kv_lengths_empty_rows', 3, 1)])
+def test_forward_and_gradients_match_float64(name, heads, kv_heads, implementation, dtype):
+  (q, k, v), kwargs, keep = _case(name, heads, kv_heads, head_dim=16, dtype=dtype, seed=1)
+  d_out = randn(7, q.shape, dtype)
+
+  fn = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+  out, grads = jax.jit(lambda *a: _value_and_vjp(fn, *a))((q, k, v), d_out)
+  exp_out, exp_grads = ref_np.attention(q, k, v, keep, d_out=d_out)
+  assert out.dtype == dtype
+  assert_close(out, exp_out, tol=TOL[dtype, 'out'], what='out')
+  for g_name, g, e in zip('qkv', grads, exp_grads):
+    assert g.dtype == dtype
+    assert_close(g, e, tol=TOL[dtype, 'grad'], what=f'd{g_name}')
+  empty = _empty_rows(keep)
+  assert np.all(np.asarray(out)[empty] == 0)
+  assert np.all(np.asarray(grads[0])[empty] == 0), 'fully masked rows get zero gradient'
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla'])
+def test_dense_bias_and_mask(implementation):
+  q, k, v = _inputs(3, 2, 7, 9, 4, 2, 8)
+  bias = randn(4, (1, 4, 7, 9))
+  mask = np.random.default_rng(0).random((7, 9)) < 0.6  # 2-D: broadcast like jax.nn
+  mask[2] = False  # one fully masked query row
+  fn = lambda q, k, v, bias: dot_product_attention(q, k, v, bias, jnp.asarray(mask), is_causal=True,
+                                                   implementation=implementation)
+  d_out = randn(5, q.shape)
+  out, grads = jax.jit(lambda *a: _value_and_vjp(fn, *a))((q, k, v, bias), d_out)
+  keep = ref_np.mask(2, 7, 9, causal=True) & mask
+  exp_out, exp_grads = ref_np.attention(q, k, v, keep, bias=bias, d_out=d_out)
+  assert_close(out, exp_out)
+  for g, e in zip(grads[:3], exp_grads):
+    assert_close(g, e)
+  assert np.all(np.asarray(out)[:, 2] == 0)
+
+
+@pytest.mark.parametrize('implementation', ['chunked', 'pallas'])
+def test_fused_backends_reject_dense_bias_and_mask(implementation):
+  q, k, v = _inputs(0, 1, 4, 4, 2, 2, 8)
+  with pytest.raises(ValueError, match="'xla'"):
+    dot_product_attention(q, k, v, bias=jnp.zeros((1, 1, 4, 4)), implementation=implementation)
+  with pytest.raises(ValueError, match="'xla'"):
+    dot_product_attention(q, k, v, mask=jnp.ones((4, 4), bool), implementation=implementation)
+
+
+@pytest.mark.parametrize('implementation,module', [('chunked', 'chunked_attention'),
+                                                   ('pallas', 'flash_attention')])
+def test_fused_backends_through_dispatch(implementation, module):
+  """Every mask argument reaches the kernel (which is tested in depth beside it, in tests of kernels/)."""
+  pytest.importorskip(f'lstm_attn.kernels.{module}')
+  (q, k, v), kwargs, keep = _case('everything', 4, 2, head_dim=32, seed=2)
+  fn = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+  out = jax.jit(fn)(q, k, v)
+  assert_close(out, ref_np.attention(q, k, v, keep), what='out')
+  if implementation == 'chunked':  # interpret-mode Pallas gradients are slow on CPU; chunked is cheap
+    d_out = randn(8, q.shape)
+    _, grads = jax.jit(lambda *a: _value_and_vjp(fn, *a))((q, k, v), d_out)
+    for g_name, g, e in zip('qkv', grads, ref_np.attention(q, k, v, keep, d_out=d_out)[1]):
+      assert_close(g, e, what=f'd{g_name}')
+
+
+def test_default_implementation(monkeypatch):
+  shape = lambda t: jax.ShapeDtypeStruct((1, t, 2, 8), jnp.float32)
+  auto = attention._auto_implementation
+  assert auto(shape(64), shape(64), has_dense=True) == 'xla'
+  assert auto(jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float64), shape(64), has_dense=False) == 'xla'
+  if jax.default_backend() == 'cpu':
+    assert auto(shape(64), shape(64), has_dense=False) == 'xla'
+    if attention._kernel_available('chunked'):
+      monkeypatch.setattr(attention, 'CHUNKED_MIN_ELEMENTS', 64 * 64)
+      assert auto(shape(64), shape(64), has_dense=False) == 'chunked'
+      assert auto(shape(64), shape(63), has_dense=False) == 'xla'
+  (q, k, v), kwargs, keep = _case('everything')
+  out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kwargs))(q, k, v)
+  assert_close(out, ref_np.attention(q, k, v, keep))
+
+
+def _bad(**overrides):
+  q, k, v = _inputs(0, 2, 5, 5, 4, 2, 8)
+  args = dict(query=q, key=k, value=v)
+  args.update(overrides)
+  return args
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(query=jnp.zeros((2, 5, 8))), 'query'),
+    (dict(key=jnp.zeros((2, 5, 2, 8), jnp.int32)), 'key'),
+    (dict(value=jnp.zeros((2, 5, 2, 8), jnp.bfloat16)), 'dtype'),
+    (dict(key=jnp.zeros((2, 5, 3, 8)), value=jnp.zeros((2, 5, 3, 8))), 'heads'),
+    (dict(key=jnp.zeros((2, 5, 2, 6)), value=jnp.zeros((2, 5, 2, 6))), 'head_dim'),
+    (dict(query_seq_lengths=jnp.array([1, 2, 3])), 'query_seq_lengths'),
+    (dict(key_value_seq_lengths=jnp.array([1.0, 2.0])), 'key_value_seq_lengths'),
+    (dict(segment_ids=jnp.zeros((2, 4), jnp.int32)), 'segment_ids'),
+    (dict(local_window_size=(-1, 2)), 'local_window_size'),
+    (dict(mask=jnp.ones((5, 5), jnp.int32)), 'mask'),
+    (dict(bias=jnp.zeros((1, 1, 1, 5, 5))), 'bias'),
+    (dict(implementation='cudnn'), 'implementation'),
+])
+def test_bad_inputs_raise_value_error_naming_the_argument(overrides, match):
+  args = _bad(**overrides)
+  with pytest.raises(ValueError, match=match):
+    dot_product_attention(args.pop('query'), args.pop('key'), args.pop('value'), **args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary embeddings.
+
+
+def test_rotary_matches_complex_rotation():
+  x = randn(0, (2, 7, 3, 10))
+  positions = jnp.array([[0, 1, 2, 3, 4, 5, 6], [9, 3, 0, 100, 7, 7, 2]])
+  out = apply_rotary(x, positions, base=500.0)
+  xn = np.asarray(x, np.float64)
+  z = xn[..., :5] + 1j * xn[..., 5:]  # pair (j, j + half) as one complex number
+  theta = np.asarray(positions, np.float64)[..., None, None] * 500.0 ** (-np.arange(5) * 2 / 10)
+  z = z * np.exp(1j * theta)
+  assert_close(out, np.concatenate([z.real, z.imag], -1))
+  assert_close(apply_rotary(x, jnp.arange(7)), apply_rotary(x, jnp.tile(jnp.arange(7), (2, 1))))
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  q = randn(1, (1, 1, 1, 16))
+  k = randn(2, (1, 1, 1, 16))
+  score = lambda m, n: jnp.sum(apply_rotary(q, jnp.array([m])) * apply_rotary(k, jnp.array([n])))
+  assert abs(float(score(3, 1)) - float(score(40, 38))) < 1e-4
+  assert abs(float(score(3, 1)) - float(score(3, 2))) > 1e-3
+
+
+def test_rotary_bad_inputs():
+  with pytest.raises(ValueError, match='head_dim'):
+    apply_rotary(jnp.zeros((1, 4, 2, 7)), jnp.arange(4))
+  with pytest.raises(ValueError, match='positions'):
+    apply_rotary(jnp.zeros((1, 4, 2, 8)), jnp.arange(5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# MultiHeadAttention.
+
+
+def _np_mha(mha, x, context, keep, positions=None, base=10000.0):
+  """The module's forward pass in float64 NumPy from its parameters: projections, heads, attention."""
+  b, t, _ = x.shape
+  src = x if context is None else context
+  q = ref_np.linear(x, mha.query).reshape(b, t, mha.num_heads, mha.head_dim)
+  k = ref_np.linear(src, mha.key).reshape(b, src.shape[1], mha.num_kv_heads, mha.head_dim)
+  v = ref_np.linear(src, mha.value).reshape(k.shape)
+  if positions is not None:  # rotary, as complex multiplication
+    half = mha.head_dim // 2
+    theta = np.asarray(positions, np.float64)[..., None, None] * base ** (-np.arange(half) * 2 / mha.head_dim)
+    rot = lambda a: (lambda z: np.concatenate([z.real, z.imag], -1))(
+        (a[..., :half] + 1j * a[..., half:]) * np.exp(1j * theta))
+    q, k = rot(q), rot(k)
+  out = ref_np.attention(q, k, v, keep)
+  return ref_np.linear(out.reshape(b, t, -1), mha.out)
+
+
+# Most module tests share one shape (4 heads, 32 features, [2, 9, 32] inputs) so that JAX compiles each
+# small operation once for the whole file.
+
+
+def _mha(rngs_seed=0, **kwargs):
+  return MultiHeadAttention(4, 32, rngs=nnx.Rngs(rngs_seed), **kwargs)
+
+
+def test_mha_self_attention_matches_numpy():
+  mha = _mha(num_kv_heads=2)
+  x = randn(1, (2, 9, 32))
+  y = nnx.jit(lambda m, x: m(x, is_causal=True, query_seq_lengths=jnp.array([9, 4], jnp.int32)))(mha, x)
+  assert y.shape == (2, 9, 32)
+  keep = ref_np.mask(2, 9, 9, causal=True, q_lens=[9, 4])
+  assert_close(y, _np_mha(mha, x, None, keep))
+
+
+def test_mha_cross_attention_matches_numpy():
+  mha = _mha(2, num_kv_heads=1, head_dim=6, kv_features=12, qkv_bias=False)
+  x = randn(3, (2, 9, 32))
+  ctx = randn(4, (2, 11, 12))
+  y = nnx.jit(lambda m, x, c: m(x, context=c, key_value_seq_lengths=jnp.array([11, 6], jnp.int32)))(mha, x, ctx)
+  keep = ref_np.mask(2, 9, 11, kv_lens=[11, 6])
+  assert_close(y, _np_mha(mha, x, ctx, keep))
+
+
+def test_mha_rotary_matches_numpy():
+  mha = _mha(5, num_kv_heads=2, rotary=True, rotary_base=100.0)
+  x = randn(6, (2, 9, 32))
+  positions = jnp.array([list(range(9)), [0, 1, 2, 3, 0, 1, 2, 3, 4]])  # restart in the second segment
+  seg = jnp.array([[0] * 9, [0] * 4 + [1] * 5], jnp.int32)
+  y = nnx.jit(lambda m, x: m(x, is_causal=True, segment_ids=seg, positions=positions))(mha, x)
+  keep = ref_np.mask(2, 9, 9, causal=True, q_seg=np.asarray(seg), kv_seg=np.asarray(seg))
+  assert_close(y, _np_mha(mha, x, None, keep, positions=positions, base=100.0))
+
+
+@pytest.mark.parametrize('rotary,kv_heads,window', [(False, 4, None), (True, 1, 3)])
+def test_kv_cache_prefill_and_steps_equal_full_forward(rotary, kv_heads, window):
+  mha = _mha(7, num_kv_heads=kv_heads, rotary=rotary)
+  x = randn(8, (2, 9, 32))
+  full = nnx.jit(lambda m, x: m(x, is_causal=True, local_window_size=window))(mha, x)
+  step = nnx.jit(lambda m, x, c: m(x, is_causal=True, local_window_size=window, cache=c))
+  cache = mha.init_cache(2, 11)
+  outs = []
+  for start, stop in [(0, 4), (4, 7), (7, 8), (8, 9)]:  # prefill, a 3-token chunk, one-token steps
+    y, cache = step(mha, x[:, start:stop], cache)
+    outs.append(y)
+  assert int(cache.length) == 9
+  assert_close(jnp.concatenate(outs, axis=1), full)
+  assert np.all(np.asarray(cache.key[:, 9:]) == 0), 'only positions [0, length) are written'
+
+
+def test_kv_cache_bad_inputs():
+  mha = _mha()
+  cache = mha.init_cache(2, 11)
+  assert cache.key.shape == (2, 11, 4, 8) and cache.length.dtype == jnp.int32
+  x = randn(0, (2, 9, 32))
+  _, cache = mha(x, cache=cache)
+  with pytest.raises(ValueError, match='overflow'):
+    mha(x, cache=cache)
+  with pytest.raises(ValueError, match='segment_ids'):
+    mha(x, cache=cache, segment_ids=jnp.zeros((2, 9), jnp.int32))
+  with pytest.raises(ValueError, match='cache'):
+    mha(x, cache=KVCache(jnp.zeros((2, 11, 1, 8)), jnp.zeros((2, 11, 1, 8)), jnp.array(0)))
+  with pytest.raises(ValueError, match='x must have shape'):
+    mha(jnp.zeros((2, 9, 31)))
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    MultiHeadAttention(4, 32, num_kv_heads=3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='implementation'):
+    MultiHeadAttention(4, 32, implementation='flash', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='head_dim'):
+    MultiHeadAttention(4, 30, rngs=nnx.Rngs(0))
+
+
+def test_mha_dropout_on_output_in_train_mode_only():
+  mha = _mha(dropout=0.5)
+  x = randn(1, (2, 9, 32))
+  mha.eval()
+  clean = mha(x)
+  np.testing.assert_array_equal(clean, mha(x))
+  mha.train()
+  noisy = mha(x)
+  dropped = np.asarray(noisy) == 0
+  assert 0.35 < dropped.mean() < 0.65
+  np.testing.assert_allclose(np.asarray(noisy)[~dropped], 2 * np.asarray(clean)[~dropped], rtol=1e-5)
+
+
+def test_mha_bfloat16_compute():
+  mha32 = _mha()
+  mha16 = _mha(dtype=jnp.bfloat16)
+  x = randn(1, (2, 9, 32))
+  y16 = mha16(x, is_causal=True)
+  assert y16.dtype == jnp.bfloat16 and mha16.query.kernel[...].dtype == jnp.float32
+  assert_close(y16, mha32(x, is_causal=True), tol=TOLERANCE[np.dtype(jnp.bfloat16)])

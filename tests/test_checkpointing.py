@@ -1,0 +1,210 @@
+"""lstm_attn.checkpointing: exact round trips (typed RNG keys included), retention, broken checkpoints."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lstm_attn import checkpointing, optim
+from lstm_attn.train import transfer_params
+
+
+class _Tiny(nnx.Module):
+  def __init__(self, rngs):
+    self.backbone = nnx.Linear(7, 5, rngs=rngs)
+    self.norm = nnx.LayerNorm(5, rngs=rngs)
+    self.head = nnx.Linear(5, 3, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(self.norm(self.backbone(x))))
+
+
+def _state(seed=0):
+  model = _Tiny(nnx.Rngs(seed, dropout=seed + 1))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(1e-3)
+  opt_state = tx.init(params)
+  # Move the optimizer moments off zero so a restore that drops them would be seen.
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed + 3), p.shape), params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  return {'step': jnp.int32(seed + 1), 'params': params, 'rest': rest, 'opt_state': opt_state}
+
+
+def _assert_same(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def test_round_trip_is_exact_with_rng_keys_and_meta(tmp_path):
+  state = _state()
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'))
+  meta = {'data_state': {'step': 7, 'seed': 0}, 'config': {'a': [1, 2]}}
+  ck.save(7, state, meta)
+  ck.wait()
+  step, restored, got_meta = ck.restore_latest_good(_abstract(state))
+  ck.close()
+  assert step == 7 and got_meta == meta
+  _assert_same(restored, state)
+  # The restored RNG stream continues exactly like the original one.
+  key = restored['rest']['drop']['rngs']['key'][...]
+  assert jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def test_keeps_latest_and_best_by_lowest_eval_loss(tmp_path):
+  state = _state()
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), keep_latest=2, keep_best=1, async_save=False)
+  losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 4.0}  # best (lowest) at step 2
+  for s, loss in losses.items():
+    ck.save(s, state, {}, eval_loss=loss)
+  ck.wait()
+  assert ck.all_steps() == [2, 4, 5]
+  assert ck.best_step() == 2
+  ck.close()
+  # After a restart the eval losses are still known: the best survives two more saves.
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), keep_latest=2, keep_best=1, async_save=False)
+  ck.save(6, state, {}, eval_loss=5.0)
+  ck.save(7, state, {})
+  ck.wait()
+  assert ck.all_steps() == [2, 6, 7] and ck.best_step() == 2
+  ck.close()
+
+
+def _corrupt(step_dir):
+  """Overwrites every array data file of a checkpoint with garbage of the same size."""
+  n = 0
+  for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+    for f in files:
+      if 'ocdbt' in root or f.startswith(('manifest', '_METADATA')):
+        path = os.path.join(root, f)
+        size = os.path.getsize(path)
+        with open(path, 'wb') as fh:
+          fh.write(os.urandom(max(size, 16)))
+        n += 1
+  assert n > 0
+
+
+def test_corrupted_latest_falls_back_and_is_moved_aside(tmp_path, capsys):
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  s1, s2 = _state(1), _state(2)
+  ck.save(1, s1, {'which': 1})
+  ck.save(2, s2, {'which': 2})
+  ck.wait()
+  _corrupt(str(tmp_path / 'ck' / '2'))
+  step, restored, meta = ck.restore_latest_good(_abstract(s1))
+  assert step == 1 and meta == {'which': 1}
+  _assert_same(restored, s1)
+  out = capsys.readouterr().out
+  assert 'step 2' in out and 'could not be restored' in out and 'checkpoints_corrupted' in out
+  assert ck.all_steps() == [1]
+  assert len(os.listdir(tmp_path / 'checkpoints_corrupted')) == 1
+  ck.save(2, s2, {'which': 2})  # the step can be written again
+  ck.close()
+
+
+def test_nothing_restorable_raises_and_moves_nothing(tmp_path):
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  state = _state()
+  ck.save(3, state, {})
+  ck.wait()
+  _corrupt(str(tmp_path / 'ck' / '3'))
+  with pytest.raises(checkpointing.CheckpointError, match='step 3'):
+    ck.restore_latest_good(_abstract(state))
+  assert ck.all_steps() == [3]
+  ck.close()
+
+
+def test_non_finite_checkpoint_is_refused(tmp_path):
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  good = _state(0)
+  bad = jax.tree.map(lambda x: x, good)
+  bad['params']['head']['kernel'][...] = jnp.full((5, 3), jnp.nan)
+  ck.save(1, good, {})
+  ck.save(2, bad, {})
+  ck.wait()
+  step, _, _ = ck.restore_latest_good(_abstract(good))
+  assert step == 1
+  ck.close()
+
+
+def test_unfinished_write_is_ignored(tmp_path):
+  """A step directory left as Orbax's temporary folder (process killed mid-write) is not a checkpoint."""
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  state = _state()
+  ck.save(1, state, {})
+  ck.close()
+  tmp = tmp_path / 'ck' / '2.orbax-checkpoint-tmp-1234'
+  (tmp / 'state').mkdir(parents=True)
+  (tmp / 'state' / 'junk').write_bytes(b'partial')
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'))
+  assert ck.all_steps() == [1]
+  step, restored, _ = ck.restore_latest_good(_abstract(state))
+  assert step == 1
+  _assert_same(restored, state)
+  ck.close()
+
+
+def test_load_params_and_transfer_only_matching(tmp_path):
+  src = _state(0)
+  ck = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), async_save=False)
+  ck.save(5, src, {})
+  ck.close()
+  raw, step = checkpointing.load_params(str(tmp_path / 'run'))
+  assert step == 5
+  dst = _state(9)['params']
+  # A head of another shape must stay fresh even though its path matches.
+  dst['head']['kernel'][...] = jnp.zeros((5, 3))
+  new, restored, fresh, unused = transfer_params(dst, raw, 'backbone')
+  assert sorted(restored) == ['backbone/bias', 'backbone/kernel']
+  assert any(f.startswith('head/kernel') for f in fresh) and any(f.startswith('norm/') for f in fresh)
+  np.testing.assert_array_equal(np.asarray(new['backbone']['kernel'][...]), np.asarray(src['params']['backbone']['kernel'][...]))
+  np.testing.assert_array_equal(np.asarray(new['head']['kernel'][...]), 0.0)
+  assert 'head/kernel' in unused
+  with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
+    checkpointing.load_params(str(tmp_path / 'nowhere'))
+
+
+def test_decay_mask_skips_biases_norms_embeddings():
+  class M(nnx.Module):
+    def __init__(self, rngs):
+      self.wte = nnx.Embed(11, 4, rngs=rngs)
+      self.ln_f = nnx.LayerNorm(4, rngs=rngs)
+      self.fc = nnx.Linear(4, 6, rngs=rngs)
+
+  params = nnx.state(M(nnx.Rngs(0)), nnx.Param)
+  mask = {
+    jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
+  }
+  decayed = sorted(k for k, v in mask.items() if v)
+  assert len(mask) == 5 and decayed == ["['fc']['kernel'].value"], mask
+
+
+def test_schedule_warmup_cosine_floor():
+  import ml_collections
+
+  c = ml_collections.ConfigDict(
+    {'num_train_steps': 2000, 'optim': {'learning_rate': 1e-3, 'min_learning_rate': 1e-4, 'warmup_steps': 100}}
+  )
+  lr = optim.learning_rate_schedule(c)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(50)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(100)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(1050)), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-5)  # cosine midpoint
+  np.testing.assert_allclose(float(lr(2000)), 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(5000)), 1e-4, rtol=1e-6)
+  c.optim.learning_rate = -1.0
+  with pytest.raises(ValueError, match='learning_rate'):
+    optim.learning_rate_schedule(c)

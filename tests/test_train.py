@@ -1,0 +1,199 @@
+"""lstm_attn.train: losses against a float64 reference, gradient accumulation, exact resume, every objective."""
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_close
+from train_tiny import compilation_cache, final_params, tiny_config, train_losses
+
+from lstm_attn import train, train_inputs
+from lstm_attn.models import build_model
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _compile_cache(tmp_path_factory):
+  with compilation_cache(tmp_path_factory.mktemp('jax_cache')):
+    yield
+
+
+def _ce_reference(logits, labels, weights):
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1, keepdims=True)
+  logz = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  picked = np.take_along_axis(logits, np.asarray(labels)[..., None], -1)[..., 0]
+  w = np.asarray(weights, np.float64)
+  return ((logz - picked) * w).sum(), w.sum(), ((logits.argmax(-1) == labels) * w).sum()
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 7), (3, 7, 333)])
+def test_next_token_loss_matches_float64_reference(shape):
+  k1, k2, k3 = jax.random.split(jax.random.key(shape[-1]), 3)
+  logits = 4.0 * jax.random.normal(k1, shape, jnp.float32)
+  targets = jax.random.randint(k2, shape[:-1], 0, shape[-1])
+  weights = (jax.random.uniform(k3, shape[:-1]) > 0.3).astype(jnp.float32).at[0, 0].set(1.0)
+  mean, sums = train.next_token_loss(logits, targets, weights)
+  ref_sum, ref_n, ref_correct = _ce_reference(logits, targets, weights)
+  assert_close(sums['loss'], ref_sum, what='loss sum')
+  assert_close(mean, ref_sum / ref_n, what='mean loss')
+  assert float(sums['count']) == ref_n and float(sums['correct']) == ref_correct
+  # bf16 logits: the loss is still computed in fp32 from them.
+  mean16, _ = train.next_token_loss(logits.astype(jnp.bfloat16), targets, weights)
+  assert_close(mean16, ref_sum / ref_n, dtype=jnp.bfloat16, what='bf16 mean loss')
+
+
+def test_mlm_nsp_and_classification_losses():
+  k = jax.random.split(jax.random.key(1), 6)
+  mlm = jax.random.normal(k[0], (2, 7, 11))
+  tgt = jax.random.randint(k[1], (2, 7), 0, 11)
+  w = jnp.zeros((2, 7)).at[0, 2].set(1).at[1, 5].set(1).at[1, 6].set(1)
+  nsp = jax.random.normal(k[2], (2, 2))
+  lab = jnp.array([0, 1])
+  mean, sums = train.mlm_nsp_loss(mlm, tgt, w, nsp, lab)
+  m_sum, m_n, _ = _ce_reference(mlm, tgt, w)
+  n_sum, n_n, _ = _ce_reference(nsp, lab, np.ones(2))
+  assert_close(mean, m_sum / m_n + n_sum / n_n, what='mlm+nsp')
+  logits = jax.random.normal(k[3], (5, 3))
+  labels = jax.random.randint(k[4], (5,), 0, 3)
+  rw = jnp.array([1, 1, 1, 0, 0], jnp.float32)  # padding rows of the last eval batch
+  mean, sums = train.classification_loss(logits, labels, rw)
+  ref = _ce_reference(logits, labels, rw)
+  assert_close(mean, ref[0] / ref[1], what='classification') and float(sums['count']) == 3
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  """Plain SGD (lr 1) makes the update the gradient itself: accumulated over 3 micro-batches == one batch."""
+  c = tiny_config('gpt', **{'model.dropout': 0.0, 'batch_size': 6})
+  steps, init, _, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  batch = {
+    'inputs': jax.random.randint(jax.random.key(2), (6, 16), 0, 261),
+    'targets': jax.random.randint(jax.random.key(3), (6, 16), 0, 261),
+  }
+  state0 = init()
+  results = []
+  for accum in (1, 3):
+    s = dataclasses.replace(steps, tx=optax.sgd(1.0), grad_accum_steps=accum)
+    state = {**state0, 'opt_state': s.tx.init(state0['params'])}
+    new, metrics = jax.jit(s.train_step)(state, batch)
+    update = jax.tree.map(jnp.subtract, new['params'], state0['params'])
+    results.append((jnp.concatenate([x.ravel() for x in jax.tree.leaves(update)]), metrics))
+  (u1, m1), (u3, m3) = results
+  assert_close(u3, u1, what='gradient accumulated over 3 micro-batches')
+  assert_close(m3['loss'], m1['loss'], what='loss')
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _interrupt_after(monkeypatch, n):
+  """Makes the next run's train batcher raise after `n` batches (a crash mid-training)."""
+  real = train_inputs.make_inputs
+
+  def make(config, workdir):
+    inputs = real(config, workdir)
+    batcher, calls = inputs.train, [0]
+    orig_next = batcher.next
+
+    def next_():
+      calls[0] += 1
+      if calls[0] > n:
+        raise _Interrupt()
+      return orig_next()
+
+    batcher.next = next_
+    return inputs
+
+  monkeypatch.setattr(train_inputs, 'make_inputs', make)
+
+
+def test_stop_and_resume_gives_identical_losses_and_params(tmp_path, monkeypatch):
+  c = tiny_config('gpt', steps=7)  # dropout 0.1: the RNG state must be restored too
+  full = train.train_and_evaluate(c, str(tmp_path / 'full'))
+  _interrupt_after(monkeypatch, 5)  # checkpoints at 2 and 4 (and eval 3), crash while fetching batch 6
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(c, str(tmp_path / 'resumed'))
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(c, str(tmp_path / 'resumed'))
+  assert resumed['step'] == full['step'] == 7
+  a, b = train_losses(tmp_path / 'full'), train_losses(tmp_path / 'resumed')
+  assert sorted(a) == sorted(b) == list(range(1, 8))
+  assert a == b  # bit-identical at every step, including those after the resume
+  (sa, pa), (sb, pb) = final_params(tmp_path / 'full'), final_params(tmp_path / 'resumed')
+  assert sa == sb == 7 and pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+  assert full['val_loss'] == resumed['val_loss']
+
+
+@pytest.mark.parametrize('name', ['lstm_lm', 'lstm_attn'])
+def test_lstm_models_train_evaluate_and_sample(tmp_path, name):
+  c = tiny_config(name, steps=3, sample_tokens=12, tensorboard=name == 'lstm_lm')
+  s = train.train_and_evaluate(c, str(tmp_path))
+  assert math.isfinite(s['val_loss']) and s['val_loss'] < math.log(261) + 1.0
+  assert s['val_bits_per_byte'] == pytest.approx(s['val_loss'] / math.log(2), rel=1e-12)  # byte tokenizer
+  assert isinstance(s['sample'], str)
+  names = os.listdir(tmp_path)
+  assert {'metrics.jsonl', 'checkpoints', 'tokenizer.json', 'summary.json'} <= set(names)
+  if c.tensorboard:
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_bert_pretraining_then_finetuning_with_transfer_report(tmp_path):
+  pre = tiny_config('bert', steps=2, seed=1)  # another seed than the fine-tuning run's fresh init
+  s = train.train_and_evaluate(pre, str(tmp_path / 'bert'))
+  assert math.isfinite(s['val_loss']) and 0.0 <= s['val_nsp_accuracy'] <= 1.0
+  ft = tiny_config('bert', steps=2, num_classes=10, init_from=str(tmp_path / 'bert'), compare_from_scratch=True)
+  out = train.train_and_evaluate(ft, str(tmp_path / 'ft'))
+  report = json.load(open(tmp_path / 'ft' / 'transfer.json'))
+  assert report['restored'] and all(p.startswith('backbone/') for p in report['restored'])
+  assert all(p.startswith('classifier/') for p in report['fresh']) and report['fresh']
+  assert 0.0 <= out['val_accuracy'] <= 1.0 and 0.0 <= out['from_scratch']['val_accuracy'] <= 1.0
+  table = json.load(open(tmp_path / 'ft' / 'transfer_comparison.json'))
+  assert set(table) == {'pretrained init', 'from scratch'}
+  # The pretrained backbone weights really arrived: the finetuned checkpoint's embeddings moved from them
+  # only by 2 small steps, while from scratch they are unrelated.
+  _, p_pre = final_params(tmp_path / 'bert')
+  _, p_ft = final_params(tmp_path / 'ft')
+  _, p_scr = final_params(tmp_path / 'ft' / 'from_scratch')
+  key = next(k for k in p_pre if 'word_embeddings' in k)
+  d_ft = np.linalg.norm(p_ft[key] - p_pre[key]) / np.linalg.norm(p_pre[key])
+  d_scr = np.linalg.norm(p_scr[key] - p_pre[key]) / np.linalg.norm(p_pre[key])
+  assert d_ft < 0.05 < d_scr
+
+
+def test_bf16_compute_keeps_fp32_params():
+  c = tiny_config('gpt')
+  c.model.dtype = 'bfloat16'
+  c.model.dropout = 0.0
+  _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  batch = {
+    'inputs': jax.random.randint(jax.random.key(2), (4, 16), 0, 261),
+    'targets': jax.random.randint(jax.random.key(3), (4, 16), 0, 261),
+  }
+  state, m16 = step(init(), batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state['params']))
+  c.model.dtype = 'float32'
+  _, init32, step32, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  _, m32 = step32(init32(), batch)
+  assert_close(m16['loss'], m32['loss'], dtype=jnp.bfloat16, what='bf16 vs fp32 loss')
+
+
+def test_bad_config_values_are_named(tmp_path):
+  c = tiny_config('gpt')
+  c.batch_size = 0
+  with pytest.raises(ValueError, match='config.batch_size=0'):
+    train.train_and_evaluate(c, str(tmp_path / 'a'))
+  c = tiny_config('gpt', grad_accum_steps=3)
+  with pytest.raises(ValueError, match='grad_accum_steps=3'):
+    train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  c = tiny_config('gpt')
+  c.data.path = str(tmp_path / 'missing.txt')
+  with pytest.raises(FileNotFoundError, match='missing.txt'):
+    train.train_and_evaluate(c, str(tmp_path / 'b'))
