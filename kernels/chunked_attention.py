@@ -39,7 +39,9 @@ from lstm_attn.kernels import reference
 
 Array = jax.Array
 
-# Large blocks amortise the per-iteration cost of XLA:CPU loops; see experiments/bench_attention.py.
+# Measured on a 2-core CPU (experiments/bench_attention.py and BUILD_NOTES.md): blocks of a few hundred rows
+# amortise the per-iteration cost of XLA:CPU loops while the [block_q, block_kv] tiles stay in cache; smaller
+# query blocks also let the causal mask skip more. Peak memory grows with batch * heads * block_q * block_kv.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_KV = 512
 
