@@ -33,13 +33,18 @@ Array = jax.Array
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'pallas')
 
 # On CPU, implementation=None uses 'chunked' once q_len * kv_len reaches this many elements per head and
-# 'xla' below it: the materialised [batch, heads, q_len, kv_len] logits of 'xla' stop fitting in cache
-# (and, at 16k tokens, in memory) around here. The kernel issue's CPU benchmark sets the final value.
-CHUNKED_MIN_ELEMENTS = 4096 * 4096
+# 'xla' below it. Measured (experiments/bench_attention.py, BUILD_NOTES.md): chunked was already faster
+# than xla from 512 tokens on and 4-6x faster at 2k; below ~256 tokens the scan's per-block overhead can
+# lose. 1024 x 1024 is the conservative crossover.
+CHUNKED_MIN_ELEMENTS = 1024 * 1024
+
+# On GPU/TPU, implementation=None uses 'pallas' for head dims in this range (the kernel's tested range)
+# and 'xla' outside it (tiny heads waste the matrix units; the kernel rejects heads above 256).
+PALLAS_HEAD_DIMS = (32, 256)
 
 _KERNEL_MODULES = {
-    'chunked': 'lstm_attn.kernels.chunked_attention',
-    'pallas': 'lstm_attn.kernels.flash_attention',
+  'chunked': 'lstm_attn.kernels.chunked_attention',
+  'pallas': 'lstm_attn.kernels.flash_attention',
 }
 
 
@@ -60,7 +65,8 @@ def _auto_implementation(query, key, has_dense: bool) -> str:
   if has_dense or query.dtype == jnp.float64:
     return 'xla'  # The fused kernels take no dense bias/mask and no float64.
   if jax.default_backend() in ('gpu', 'tpu'):
-    return 'pallas' if _kernel_available('pallas') else 'xla'
+    lo, hi = PALLAS_HEAD_DIMS
+    return 'pallas' if lo <= query.shape[-1] <= hi and _kernel_available('pallas') else 'xla'
   if query.shape[1] * key.shape[1] >= CHUNKED_MIN_ELEMENTS and _kernel_available('chunked'):
     return 'chunked'
   return 'xla'
@@ -102,17 +108,38 @@ def _xla_attention(query, key, value, bias, mask, scale, spec: reference.MaskSpe
     rows = jnp.transpose(rows, (0, 2, 1))[..., None]  # [batch|1, q_len, heads|1, 1]
   else:
     out = jax.nn.dot_product_attention(
-        query, key, value, bias, None, scale=scale, is_causal=spec.is_causal,
-        query_seq_lengths=spec.query_seq_lengths, key_value_seq_lengths=spec.key_value_seq_lengths,
-        local_window_size=spec.local_window, implementation='xla')
+      query,
+      key,
+      value,
+      bias,
+      None,
+      scale=scale,
+      is_causal=spec.is_causal,
+      query_seq_lengths=spec.query_seq_lengths,
+      key_value_seq_lengths=spec.key_value_seq_lengths,
+      local_window_size=spec.local_window,
+      implementation='xla',
+    )
     rows = _rows_with_a_key(spec, batch, q_len, kv_len)[:, :, None, None]  # [batch, q_len, 1, 1]
   # jax.nn gives fully masked rows the mean of all values; `where` also zeroes their gradient.
   return jnp.where(rows, out, jnp.zeros((), out.dtype))
 
 
-def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                          query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                          segment_ids=None, implementation=None):
+def dot_product_attention(
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale=None,
+  is_causal=False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size=None,
+  segment_ids=None,
+  implementation=None,
+):
   """Scaled dot-product attention with the arguments of `jax.nn.dot_product_attention`.
 
   Args:
@@ -135,41 +162,67 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f'implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.')
   scale, spec = reference.check_inputs(
-      query, key, value, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
-      segment_ids=segment_ids)
+    query,
+    key,
+    value,
+    scale=scale,
+    is_causal=is_causal,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
   if bias is not None:
     bias = _to_4d(bias, 'bias')
   if mask is not None:
     mask = _to_4d(mask, 'mask')
     if mask.dtype != jnp.bool_:
-      raise ValueError(f'mask must be boolean (True = attend), got dtype {mask.dtype}; '
-                       'pass an additive mask as bias instead.')
+      raise ValueError(
+        f'mask must be boolean (True = attend), got dtype {mask.dtype}; '
+        'pass an additive mask as bias instead.'
+      )
   has_dense = bias is not None or mask is not None
   if implementation is None:
     implementation = _auto_implementation(query, key, has_dense)
 
   if implementation == 'reference':
     return reference.mha_reference(
-        query, key, value, bias, mask, scale=scale, is_causal=spec.is_causal,
-        query_seq_lengths=spec.query_seq_lengths, key_value_seq_lengths=spec.key_value_seq_lengths,
-        local_window_size=spec.local_window, segment_ids=_segment_pair(spec))
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      scale=scale,
+      is_causal=spec.is_causal,
+      query_seq_lengths=spec.query_seq_lengths,
+      key_value_seq_lengths=spec.key_value_seq_lengths,
+      local_window_size=spec.local_window,
+      segment_ids=_segment_pair(spec),
+    )
   if implementation == 'xla':
     return _xla_attention(query, key, value, bias, mask, scale, spec)
 
   if has_dense:
     raise ValueError(
-        f"implementation={implementation!r} takes no dense bias or mask (they are N x N arrays); express "
-        "the mask with is_causal/seq lengths/local_window_size/segment_ids, or use implementation='xla' "
-        "or 'reference'.")
+      f'implementation={implementation!r} takes no dense bias or mask (they are N x N arrays); express '
+      "the mask with is_causal/seq lengths/local_window_size/segment_ids, or use implementation='xla' "
+      "or 'reference'."
+    )
   if implementation == 'chunked':
     from lstm_attn.kernels.chunked_attention import chunked_attention as kernel
   else:
     from lstm_attn.kernels.flash_attention import flash_attention as kernel
   return kernel(
-      query, key, value, scale=scale, is_causal=spec.is_causal,
-      query_seq_lengths=spec.query_seq_lengths, key_value_seq_lengths=spec.key_value_seq_lengths,
-      local_window_size=spec.local_window, segment_ids=_segment_pair(spec))
+    query,
+    key,
+    value,
+    scale=scale,
+    is_causal=spec.is_causal,
+    query_seq_lengths=spec.query_seq_lengths,
+    key_value_seq_lengths=spec.key_value_seq_lengths,
+    local_window_size=spec.local_window,
+    segment_ids=_segment_pair(spec),
+  )
 
 
 def _segment_pair(spec: reference.MaskSpec):
@@ -202,8 +255,9 @@ def apply_rotary(x, positions, base: float = 10000.0):
     raise ValueError(f'rotary embeddings need an even head_dim, got {head_dim}.')
   positions = jnp.asarray(positions)
   if positions.shape not in ((seq,), (batch, seq)):
-    raise ValueError(f'positions must have shape [seq] = ({seq},) or [batch, seq] = ({batch}, {seq}), '
-                     f'got {positions.shape}.')
+    raise ValueError(
+      f'positions must have shape [seq] = ({seq},) or [batch, seq] = ({batch}, {seq}), got {positions.shape}.'
+    )
   compute = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
   half = head_dim // 2
   inv_freq = base ** (-jnp.arange(half, dtype=compute) * 2 / head_dim)  # [half]
@@ -233,8 +287,9 @@ class KVCache(NamedTuple):
 
 def _linear(in_features, out_features, use_bias, kernel_init, dtype, param_dtype, rngs):
   kwargs = {} if kernel_init is None else {'kernel_init': kernel_init}
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    rngs=rngs, **kwargs)
+  return nnx.Linear(
+    in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs
+  )
 
 
 class MultiHeadAttention(nnx.Module):
@@ -248,19 +303,35 @@ class MultiHeadAttention(nnx.Module):
   out [heads*head_dim, in], each an nnx.Linear.
   """
 
-  def __init__(self, num_heads: int, in_features: int, *, num_kv_heads: int | None = None,
-               head_dim: int | None = None, kv_features: int | None = None, qkv_bias: bool = True,
-               out_bias: bool = True, dropout: float = 0.0, rotary: bool = False,
-               rotary_base: float = 10000.0, implementation: str | None = None, dtype=None,
-               param_dtype=jnp.float32, kernel_init=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_heads: int,
+    in_features: int,
+    *,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    kv_features: int | None = None,
+    qkv_bias: bool = True,
+    out_bias: bool = True,
+    dropout: float = 0.0,
+    rotary: bool = False,
+    rotary_base: float = 10000.0,
+    implementation: str | None = None,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init=None,
+    rngs: nnx.Rngs,
+  ):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-      raise ValueError(f'num_heads ({num_heads}) must be a positive multiple of num_kv_heads '
-                       f'({num_kv_heads}).')
+      raise ValueError(
+        f'num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}).'
+      )
     if head_dim is None:
       if in_features % num_heads:
-        raise ValueError(f'in_features ({in_features}) must be divisible by num_heads ({num_heads}), '
-                         'or pass head_dim.')
+        raise ValueError(
+          f'in_features ({in_features}) must be divisible by num_heads ({num_heads}), or pass head_dim.'
+        )
       head_dim = in_features // num_heads
     if rotary and head_dim % 2:
       raise ValueError(f'rotary=True needs an even head_dim, got {head_dim}.')
@@ -290,9 +361,19 @@ class MultiHeadAttention(nnx.Module):
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
-  def __call__(self, x, *, context=None, is_causal: bool = False, query_seq_lengths=None,
-               key_value_seq_lengths=None, segment_ids=None, local_window_size=None, positions=None,
-               cache: KVCache | None = None):
+  def __call__(
+    self,
+    x,
+    *,
+    context=None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    segment_ids=None,
+    local_window_size=None,
+    positions=None,
+    cache: KVCache | None = None,
+  ):
     """x: [batch, seq, in_features] -> [batch, seq, in_features] (and the new cache when given one).
 
     context: [batch, kv_seq, kv_features], the source of keys/values for cross-attention (None: self).
@@ -308,8 +389,9 @@ class MultiHeadAttention(nnx.Module):
     batch, seq, _ = x.shape
     source = x if context is None else context
     if jnp.ndim(source) != 3 or source.shape[0] != batch or source.shape[-1] != self.key.in_features:
-      raise ValueError(f'context must have shape [{batch}, kv_seq, {self.key.in_features}], '
-                       f'got {jnp.shape(source)}.')
+      raise ValueError(
+        f'context must have shape [{batch}, kv_seq, {self.key.in_features}], got {jnp.shape(source)}.'
+      )
     q = self.query(x).reshape(batch, seq, self.num_heads, self.head_dim)  # [B, T, H, D]
     k = self.key(source).reshape(batch, source.shape[1], self.num_kv_heads, self.head_dim)  # [B, S, K, D]
     v = self.value(source).reshape(k.shape)  # [B, S, K, D]
@@ -322,13 +404,31 @@ class MultiHeadAttention(nnx.Module):
         q = apply_rotary(q, positions, self.rotary_base)
         k = apply_rotary(k, positions, self.rotary_base)
       out = dot_product_attention(
-          q, k, v, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-          key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
-          segment_ids=segment_ids, implementation=self.implementation)  # [B, T, H, D]
+        q,
+        k,
+        v,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        implementation=self.implementation,
+      )  # [B, T, H, D]
       return self._project(out)
 
-    out, cache = self._cached_attention(q, k, v, cache, context, is_causal, query_seq_lengths,
-                                        key_value_seq_lengths, segment_ids, local_window_size, positions)
+    out, cache = self._cached_attention(
+      q,
+      k,
+      v,
+      cache,
+      context,
+      is_causal,
+      query_seq_lengths,
+      key_value_seq_lengths,
+      segment_ids,
+      local_window_size,
+      positions,
+    )
     return self._project(out), cache
 
   def _project(self, out):
@@ -336,28 +436,43 @@ class MultiHeadAttention(nnx.Module):
     y = self.out(out.reshape(batch, seq, self.num_heads * self.head_dim))  # [B, T, F]
     return self.dropout(y)
 
-  def _cached_attention(self, q, k, v, cache, context, is_causal, query_seq_lengths,
-                        key_value_seq_lengths, segment_ids, local_window_size, positions):
+  def _cached_attention(
+    self,
+    q,
+    k,
+    v,
+    cache,
+    context,
+    is_causal,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    segment_ids,
+    local_window_size,
+    positions,
+  ):
     """Writes k/v into the cache and attends over it. q: [B, T, H, D]; k, v: [B, T, K, D]."""
     if context is not None:
       raise ValueError('cache is for self-attention; got a context for cross-attention.')
     if query_seq_lengths is not None or key_value_seq_lengths is not None or segment_ids is not None:
-      raise ValueError('with a cache, query_seq_lengths, key_value_seq_lengths and segment_ids must be '
-                       'None: the cache length decides which keys exist.')
+      raise ValueError(
+        'with a cache, query_seq_lengths, key_value_seq_lengths and segment_ids must be '
+        'None: the cache length decides which keys exist.'
+      )
     if not isinstance(cache, KVCache):
       raise ValueError(f'cache must be a KVCache (see init_cache), got {type(cache).__name__}.')
     batch, seq = q.shape[:2]
     max_len = cache.key.shape[1]
     expected = (batch, max_len, self.num_kv_heads, self.head_dim)
     if cache.key.shape != expected or cache.value.shape != expected:
-      raise ValueError(f'cache key/value must have shape {expected}, got {cache.key.shape} and '
-                       f'{cache.value.shape}.')
+      raise ValueError(
+        f'cache key/value must have shape {expected}, got {cache.key.shape} and {cache.value.shape}.'
+      )
     if seq > max_len:
       raise ValueError(f'x has {seq} tokens but the cache holds at most max_len={max_len}.')
     length = jnp.asarray(cache.length, jnp.int32)
     try:
       concrete_length = int(length)
-    except jax.errors.ConcretizationTypeError:  # Under jit: the caller's responsibility.
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # under jit
       concrete_length = None
     if concrete_length is not None and concrete_length + seq > max_len:
       raise ValueError(f'cache overflow: length {concrete_length} + {seq} new tokens > max_len {max_len}.')
@@ -368,8 +483,9 @@ class MultiHeadAttention(nnx.Module):
       k = apply_rotary(k, positions, self.rotary_base)
     zero = jnp.zeros((), jnp.int32)
     keys = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), (zero, length, zero, zero))
-    values = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype),
-                                          (zero, length, zero, zero))
+    values = jax.lax.dynamic_update_slice(
+      cache.value, v.astype(cache.value.dtype), (zero, length, zero, zero)
+    )
     # The mask by absolute position, [1, 1, T, max_len]: only written keys, causal/window w.r.t. q_pos.
     kv_pos = jnp.arange(max_len, dtype=jnp.int32)[None, :]
     keep = kv_pos < length + seq
@@ -382,6 +498,7 @@ class MultiHeadAttention(nnx.Module):
     # A dense mask rules out the fused kernels; for a decode step (seq = 1) the xla path is the right
     # tool anyway (one query row against the cache).
     implementation = self.implementation if self.implementation in ('reference', 'xla') else 'xla'
-    out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=keep,
-                                implementation=implementation)  # [B, T, H, D]
+    out = dot_product_attention(
+      q, keys.astype(q.dtype), values.astype(q.dtype), mask=keep, implementation=implementation
+    )  # [B, T, H, D]
     return out, KVCache(keys, values, length + seq)

@@ -18,29 +18,41 @@ from flax import nnx
 from lstm_attn.attention import KVCache, MultiHeadAttention
 
 ACTIVATIONS = {
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # torch.nn.GELU() default, BERT
-    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # GPT-2
-    'relu': jax.nn.relu,
-    'silu': jax.nn.silu,
+  'gelu': functools.partial(jax.nn.gelu, approximate=False),  # torch.nn.GELU() default, BERT
+  'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # GPT-2
+  'relu': jax.nn.relu,
+  'silu': jax.nn.silu,
 }
 
 
 class MLP(nnx.Module):
   """features -> hidden -> activation -> features -> dropout. x: [..., features] -> [..., features]."""
 
-  def __init__(self, features: int, hidden: int, *, activation: str = 'gelu', dropout: float = 0.0,
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, kernel_init=None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    features: int,
+    hidden: int,
+    *,
+    activation: str = 'gelu',
+    dropout: float = 0.0,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init=None,
+    rngs: nnx.Rngs,
+  ):
     if activation not in ACTIVATIONS:
       raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f'dropout must be in [0, 1), got {dropout}.')
     kwargs = {} if kernel_init is None else {'kernel_init': kernel_init}
     self.activation = activation
-    self.fc1 = nnx.Linear(features, hidden, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs, **kwargs)
-    self.fc2 = nnx.Linear(hidden, features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs, **kwargs)
+    self.fc1 = nnx.Linear(
+      features, hidden, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs
+    )
+    self.fc2 = nnx.Linear(
+      hidden, features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs
+    )
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x):
@@ -51,36 +63,89 @@ class MLP(nnx.Module):
 class TransformerBlock(nnx.Module):
   """Self-attention + MLP with residuals and LayerNorm (pre-LN by default). x: [batch, seq, features]."""
 
-  def __init__(self, features: int, num_heads: int, mlp_hidden: int, *, num_kv_heads: int | None = None,
-               head_dim: int | None = None, dropout: float = 0.0, pre_norm: bool = True,
-               rotary: bool = False, rotary_base: float = 10000.0, activation: str = 'gelu',
-               use_bias: bool = True, norm_epsilon: float = 1e-5, implementation: str | None = None,
-               dtype=None, param_dtype=jnp.float32, kernel_init=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    features: int,
+    num_heads: int,
+    mlp_hidden: int,
+    *,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    dropout: float = 0.0,
+    pre_norm: bool = True,
+    rotary: bool = False,
+    rotary_base: float = 10000.0,
+    activation: str = 'gelu',
+    use_bias: bool = True,
+    norm_epsilon: float = 1e-5,
+    implementation: str | None = None,
+    dtype=None,
+    param_dtype=jnp.float32,
+    kernel_init=None,
+    rngs: nnx.Rngs,
+  ):
     self.pre_norm = pre_norm
     self.attn = MultiHeadAttention(
-        num_heads, features, num_kv_heads=num_kv_heads, head_dim=head_dim, qkv_bias=use_bias,
-        out_bias=use_bias, dropout=dropout, rotary=rotary, rotary_base=rotary_base,
-        implementation=implementation, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-        rngs=rngs)
-    self.mlp = MLP(features, mlp_hidden, activation=activation, dropout=dropout, use_bias=use_bias,
-                   dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-    norm = lambda: nnx.LayerNorm(features, epsilon=norm_epsilon, use_bias=use_bias, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+      num_heads,
+      features,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      qkv_bias=use_bias,
+      out_bias=use_bias,
+      dropout=dropout,
+      rotary=rotary,
+      rotary_base=rotary_base,
+      implementation=implementation,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init,
+      rngs=rngs,
+    )
+    self.mlp = MLP(
+      features,
+      mlp_hidden,
+      activation=activation,
+      dropout=dropout,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init,
+      rngs=rngs,
+    )
+    norm = lambda: nnx.LayerNorm(
+      features, epsilon=norm_epsilon, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.ln1, self.ln2 = norm(), norm()
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     return self.attn.init_cache(batch, max_len, dtype)
 
-  def __call__(self, x, *, is_causal: bool = False, query_seq_lengths=None, key_value_seq_lengths=None,
-               segment_ids=None, local_window_size=None, positions=None, cache: KVCache | None = None):
+  def __call__(
+    self,
+    x,
+    *,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    segment_ids=None,
+    local_window_size=None,
+    positions=None,
+    cache: KVCache | None = None,
+  ):
     """x: [batch, seq, features] -> same shape; (x, new_cache) when a cache is given.
 
     The mask arguments, positions and cache mean what they mean for MultiHeadAttention.
     """
     attend = lambda h: self.attn(
-        h, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids,
-        local_window_size=local_window_size, positions=positions, cache=cache)
+      h,
+      is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      segment_ids=segment_ids,
+      local_window_size=local_window_size,
+      positions=positions,
+      cache=cache,
+    )
     if self.pre_norm:
       a = attend(self.ln1(x))
       a, new_cache = a if cache is not None else (a, None)

@@ -3,11 +3,18 @@ LayerNorm and GELU, written from the equations and independent of the library co
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 
-def mask(batch, q_len, kv_len, *, causal=False, window=None, q_lens=None, kv_lens=None, q_seg=None,
-         kv_seg=None):
+def randn(seed, shape, dtype=jnp.float32):
+  """Standard normal test data from NumPy (jax.random would compile a kernel for every new shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32).astype(dtype))
+
+
+def mask(
+  batch, q_len, kv_len, *, causal=False, window=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None
+):
   """[batch, 1, q_len, kv_len] bool, True = attend (jax.nn's top-left causal, window (left, right))."""
   qi = np.arange(q_len)[:, None]
   kj = np.arange(kv_len)[None, :]
@@ -80,3 +87,23 @@ def linear(x, layer):
   """An nnx.Linear applied in float64."""
   y = _f64(x) @ _f64(layer.kernel[...])
   return y if layer.bias is None else y + _f64(layer.bias[...])
+
+
+def mha(module, x, context, keep, positions=None, base=10000.0):
+  """The module's forward pass in float64 NumPy from its parameters: projections, heads, attention."""
+  b, t, _ = x.shape
+  src = x if context is None else context
+  q = linear(x, module.query).reshape(b, t, module.num_heads, module.head_dim)
+  k = linear(src, module.key).reshape(b, src.shape[1], module.num_kv_heads, module.head_dim)
+  v = linear(src, module.value).reshape(k.shape)
+  if positions is not None:  # rotary, as complex multiplication
+    half = module.head_dim // 2
+    theta = np.asarray(positions, np.float64)[..., None, None] * base ** (
+      -np.arange(half) * 2 / module.head_dim
+    )
+    rot = lambda a: (lambda z: np.concatenate([z.real, z.imag], -1))(
+      (a[..., :half] + 1j * a[..., half:]) * np.exp(1j * theta)
+    )
+    q, k = rot(q), rot(k)
+  out = attention(q, k, v, keep)
+  return linear(out.reshape(b, t, -1), module.out)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_np import randn
 from flax import nnx
 from helpers import TOLERANCE, assert_close
 
@@ -19,23 +20,27 @@ from lstm_attn.attention import KVCache, MultiHeadAttention, apply_rotary, dot_p
 # name -> q_len T, kv_len S and the mask arguments. Odd sizes on purpose; several cases have query rows
 # that see no key at all (kv length 0, segment absent from the keys, window past the kv length).
 CASES = {
-    'none': dict(T=7, S=7),
-    'causal_q_shorter': dict(T=5, S=11, causal=True),
-    'causal_q_longer': dict(T=11, S=5, causal=True),
-    'lengths_causal': dict(T=7, S=7, causal=True, q_lens=[7, 4], kv_lens=[5, 1]),
-    'kv_lengths_empty_rows': dict(T=7, S=9, kv_lens=[0, 5]),
-    'window_causal': dict(T=7, S=7, causal=True, window=(3, 0)),
-    'window_right_empty_rows': dict(T=5, S=9, window=(0, 2), q_lens=[5, 4], kv_lens=[9, 3]),
-    'segments': dict(T=7, S=7, window=2, seg=[[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 2, 2, 2, 2]]),
-    'segments_pair_empty_rows': dict(T=5, S=9, seg=([[0, 0, 1, 1, 3], [5, 5, 5, 6, 6]],
-                                                    [[0, 0, 0, 1, 1, 1, 1, 2, 2], [5] * 9])),
-    'everything': dict(T=9, S=9, causal=True, window=(4, 0), q_lens=[9, 6], kv_lens=[8, 9],
-                       seg=[[0, 0, 0, 0, 1, 1, 1, 1, 1], [2, 2, 3, 3, 3, 3, 3, 3, 3]]),
+  'none': dict(T=7, S=7),
+  'causal_q_shorter': dict(T=5, S=11, causal=True),
+  'causal_q_longer': dict(T=11, S=5, causal=True),
+  'lengths_causal': dict(T=7, S=7, causal=True, q_lens=[7, 4], kv_lens=[5, 1]),
+  'kv_lengths_empty_rows': dict(T=7, S=9, kv_lens=[0, 5]),
+  'window_causal': dict(T=7, S=7, causal=True, window=(3, 0)),
+  'window_right_empty_rows': dict(T=5, S=9, window=(0, 2), q_lens=[5, 4], kv_lens=[9, 3]),
+  'segments': dict(T=7, S=7, window=2, seg=[[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 2, 2, 2, 2]]),
+  'segments_pair_empty_rows': dict(
+    T=5, S=9, seg=([[0, 0, 1, 1, 3], [5, 5, 5, 6, 6]], [[0, 0, 0, 1, 1, 1, 1, 2, 2], [5] * 9])
+  ),
+  'everything': dict(
+    T=9,
+    S=9,
+    causal=True,
+    window=(4, 0),
+    q_lens=[9, 6],
+    kv_lens=[8, 9],
+    seg=[[0, 0, 0, 0, 1, 1, 1, 1, 1], [2, 2, 3, 3, 3, 3, 3, 3, 3]],
+  ),
 }
-
-def randn(seed, shape, dtype=jnp.float32):
-  """Standard normal test data from NumPy (jax.random would compile a kernel for every new shape)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32).astype(dtype))
 
 
 def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.float32):
@@ -89,13 +94,20 @@ def test_matches_jax_nn(name, implementation):
   def both(q, k, v):
     ours = dot_product_attention(q, k, v, implementation=implementation, **kwargs)
     theirs = jax.nn.dot_product_attention(
-        q, k, v, mask=seg_mask, is_causal=kwargs['is_causal'],
-        query_seq_lengths=kwargs.get('query_seq_lengths'),
-        key_value_seq_lengths=kwargs.get('key_value_seq_lengths'),
-        local_window_size=kwargs['local_window_size'], implementation='xla')
-    return ours, theirs
+      q,
+      k,
+      v,
+      mask=seg_mask,
+      is_causal=kwargs['is_causal'],
+      query_seq_lengths=kwargs.get('query_seq_lengths'),
+      key_value_seq_lengths=kwargs.get('key_value_seq_lengths'),
+      local_window_size=kwargs['local_window_size'],
+      implementation='xla',
+    )
+    return ours, theirs, dot_product_attention(q, k, v, implementation='reference', **kwargs)
 
-  out, expected = (np.asarray(a) for a in both(q, k, v))
+  out, expected, ours_reference = (np.asarray(a) for a in both(q, k, v))
+  assert_close(out, ours_reference, what=f'{name}: {implementation} vs reference, every row')
   empty = _empty_rows(keep)
   assert_close(out[~empty], expected[~empty], what=f'{name} rows with a key')
   assert np.all(out[empty] == 0.0), f'{name}: fully masked rows must be exactly zero'
@@ -113,12 +125,12 @@ def test_gqa_is_mha_with_repeated_key_value_heads(implementation):
 
   @jax.jit
   def all_three(q, k, v):
-    lone = attend(q[:, :, group:group + 1], k[:, :, 1:2], v[:, :, 1:2])  # query head 2 alone, kv head 1
+    lone = attend(q[:, :, group : group + 1], k[:, :, 1:2], v[:, :, 1:2])  # query head 2 alone, kv head 1
     return attend(q, k, v), attend(q, rep(k), rep(v)), lone
 
   out, repeated, lone = all_three(q, k, v)
   assert_close(out, repeated)
-  assert_close(out[:, :, group:group + 1], lone, what='query head `group` uses kv head 1')
+  assert_close(out[:, :, group : group + 1], lone, what='query head `group` uses kv head 1')
 
 
 def _value_and_vjp(fn, args, d_out):
@@ -128,17 +140,19 @@ def _value_and_vjp(fn, args, d_out):
 
 
 TOL = {  # relative L2 error vs float64, by (input dtype, quantity)
-    (jnp.float32, 'out'): TOLERANCE[np.dtype('float32')],
-    (jnp.float32, 'grad'): TOLERANCE[np.dtype('float32')],
-    (jnp.bfloat16, 'out'): TOLERANCE[np.dtype(jnp.bfloat16)],
-    (jnp.bfloat16, 'grad'): 2e-2,  # gradients pass through bf16 probabilities and bf16 cotangents
+  (jnp.float32, 'out'): TOLERANCE[np.dtype('float32')],
+  (jnp.float32, 'grad'): TOLERANCE[np.dtype('float32')],
+  (jnp.bfloat16, 'out'): TOLERANCE[np.dtype(jnp.bfloat16)],
+  (jnp.bfloat16, 'grad'): 2e-2,  # gradients pass through bf16 probabilities and bf16 cotangents
 }
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16'])
 @pytest.mark.parametrize('implementation', ['reference', 'xla'])
-@pytest.mark.parametrize('name,heads,kv_heads', [('everything', 4, 2), ('segments_pair_empty_rows', 2, 2),
-                                                 ('kv_lengths_empty_rows', 3, 1)])
+@pytest.mark.parametrize(
+  'name,heads,kv_heads',
+  [('everything', 4, 2), ('segments_pair_empty_rows', 2, 2), ('kv_lengths_empty_rows', 3, 1)],
+)
 def test_forward_and_gradients_match_float64(name, heads, kv_heads, implementation, dtype):
   (q, k, v), kwargs, keep = _case(name, heads, kv_heads, head_dim=16, dtype=dtype, seed=1)
   d_out = randn(7, q.shape, dtype)
@@ -162,8 +176,9 @@ def test_dense_bias_and_mask(implementation):
   bias = randn(4, (1, 4, 7, 9))
   mask = np.random.default_rng(0).random((7, 9)) < 0.6  # 2-D: broadcast like jax.nn
   mask[2] = False  # one fully masked query row
-  fn = lambda q, k, v, bias: dot_product_attention(q, k, v, bias, jnp.asarray(mask), is_causal=True,
-                                                   implementation=implementation)
+  fn = lambda q, k, v, bias: dot_product_attention(
+    q, k, v, bias, jnp.asarray(mask), is_causal=True, implementation=implementation
+  )
   d_out = randn(5, q.shape)
   out, grads = jax.jit(lambda *a: _value_and_vjp(fn, *a))((q, k, v, bias), d_out)
   keep = ref_np.mask(2, 7, 9, causal=True) & mask
@@ -183,8 +198,9 @@ def test_fused_backends_reject_dense_bias_and_mask(implementation):
     dot_product_attention(q, k, v, mask=jnp.ones((4, 4), bool), implementation=implementation)
 
 
-@pytest.mark.parametrize('implementation,module', [('chunked', 'chunked_attention'),
-                                                   ('pallas', 'flash_attention')])
+@pytest.mark.parametrize(
+  'implementation,module', [('chunked', 'chunked_attention'), ('pallas', 'flash_attention')]
+)
 def test_fused_backends_through_dispatch(implementation, module):
   """Every mask argument reaches the kernel (which is tested in depth beside it, in tests of kernels/)."""
   pytest.importorskip(f'lstm_attn.kernels.{module}')
@@ -222,7 +238,9 @@ def _bad(**overrides):
   return args
 
 
-@pytest.mark.parametrize('overrides,match', [
+@pytest.mark.parametrize(
+  'overrides,match',
+  [
     (dict(query=jnp.zeros((2, 5, 8))), 'query'),
     (dict(key=jnp.zeros((2, 5, 2, 8), jnp.int32)), 'key'),
     (dict(value=jnp.zeros((2, 5, 2, 8), jnp.bfloat16)), 'dtype'),
@@ -235,7 +253,8 @@ def _bad(**overrides):
     (dict(mask=jnp.ones((5, 5), jnp.int32)), 'mask'),
     (dict(bias=jnp.zeros((1, 1, 1, 5, 5))), 'bias'),
     (dict(implementation='cudnn'), 'implementation'),
-])
+  ],
+)
 def test_bad_inputs_raise_value_error_naming_the_argument(overrides, match):
   args = _bad(**overrides)
   with pytest.raises(ValueError, match=match):
@@ -277,23 +296,6 @@ def test_rotary_bad_inputs():
 # MultiHeadAttention.
 
 
-def _np_mha(mha, x, context, keep, positions=None, base=10000.0):
-  """The module's forward pass in float64 NumPy from its parameters: projections, heads, attention."""
-  b, t, _ = x.shape
-  src = x if context is None else context
-  q = ref_np.linear(x, mha.query).reshape(b, t, mha.num_heads, mha.head_dim)
-  k = ref_np.linear(src, mha.key).reshape(b, src.shape[1], mha.num_kv_heads, mha.head_dim)
-  v = ref_np.linear(src, mha.value).reshape(k.shape)
-  if positions is not None:  # rotary, as complex multiplication
-    half = mha.head_dim // 2
-    theta = np.asarray(positions, np.float64)[..., None, None] * base ** (-np.arange(half) * 2 / mha.head_dim)
-    rot = lambda a: (lambda z: np.concatenate([z.real, z.imag], -1))(
-        (a[..., :half] + 1j * a[..., half:]) * np.exp(1j * theta))
-    q, k = rot(q), rot(k)
-  out = ref_np.attention(q, k, v, keep)
-  return ref_np.linear(out.reshape(b, t, -1), mha.out)
-
-
 # Most module tests share one shape (4 heads, 32 features, [2, 9, 32] inputs) so that JAX compiles each
 # small operation once for the whole file.
 
@@ -308,16 +310,18 @@ def test_mha_self_attention_matches_numpy():
   y = nnx.jit(lambda m, x: m(x, is_causal=True, query_seq_lengths=jnp.array([9, 4], jnp.int32)))(mha, x)
   assert y.shape == (2, 9, 32)
   keep = ref_np.mask(2, 9, 9, causal=True, q_lens=[9, 4])
-  assert_close(y, _np_mha(mha, x, None, keep))
+  assert_close(y, ref_np.mha(mha, x, None, keep))
 
 
 def test_mha_cross_attention_matches_numpy():
   mha = _mha(2, num_kv_heads=1, head_dim=6, kv_features=12, qkv_bias=False)
   x = randn(3, (2, 9, 32))
   ctx = randn(4, (2, 11, 12))
-  y = nnx.jit(lambda m, x, c: m(x, context=c, key_value_seq_lengths=jnp.array([11, 6], jnp.int32)))(mha, x, ctx)
+  y = nnx.jit(lambda m, x, c: m(x, context=c, key_value_seq_lengths=jnp.array([11, 6], jnp.int32)))(
+    mha, x, ctx
+  )
   keep = ref_np.mask(2, 9, 11, kv_lens=[11, 6])
-  assert_close(y, _np_mha(mha, x, ctx, keep))
+  assert_close(y, ref_np.mha(mha, x, ctx, keep))
 
 
 def test_mha_rotary_matches_numpy():
@@ -327,7 +331,7 @@ def test_mha_rotary_matches_numpy():
   seg = jnp.array([[0] * 9, [0] * 4 + [1] * 5], jnp.int32)
   y = nnx.jit(lambda m, x: m(x, is_causal=True, segment_ids=seg, positions=positions))(mha, x)
   keep = ref_np.mask(2, 9, 9, causal=True, q_seg=np.asarray(seg), kv_seg=np.asarray(seg))
-  assert_close(y, _np_mha(mha, x, None, keep, positions=positions, base=100.0))
+  assert_close(y, ref_np.mha(mha, x, None, keep, positions=positions, base=100.0))
 
 
 @pytest.mark.parametrize('rotary,kv_heads,window', [(False, 4, None), (True, 1, 3)])
