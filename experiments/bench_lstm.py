@@ -14,6 +14,9 @@ reported with ratios to torch and to ours, and GFLOP/s against a large matmul me
 FLOPs: forward 2 * B * T * (input + hidden) * 4 * hidden; forward+backward 3x the forward.
 
   python experiments/bench_lstm.py --output=/tmp/bench_lstm.json
+One thread for everyone (the CPU work of each, least sensitive to other load on the machine):
+  XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
+      python experiments/bench_lstm.py --torch_threads=1 --output=/tmp/bench_lstm_1thread.json
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer('repeats', 5, 'Timed rounds (after one warm-up call); medians are reported.')
 flags.DEFINE_integer('unroll', lstm_lib.DEFAULT_UNROLL, 'lax.scan unroll of ours.')
+flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for torch.nn.LSTM (0: torch default).')
 flags.DEFINE_string('output', None, 'Write the results as JSON here.')
 
 
@@ -103,6 +107,8 @@ def _torch_impls(params, x, ct, dtype):
   import torch
 
   torch.manual_seed(0)
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
   features = x.shape[-1]
   hidden = params['w_hh'].shape[1] // 4
   model = torch.nn.LSTM(features, hidden, batch_first=True)
@@ -180,7 +186,8 @@ def main(argv):
 
   results = {
     'config': {'batch': batch, 'time': time_, 'input_size': features, 'hidden_size': hidden,
-               'repeats': FLAGS.repeats, 'unroll': FLAGS.unroll},
+               'repeats': FLAGS.repeats, 'unroll': FLAGS.unroll, 'torch_threads': FLAGS.torch_threads,
+               'xla_flags': __import__('os').environ.get('XLA_FLAGS', '')},
     'jax_version': jax.__version__, 'backend': jax.default_backend(), 'machine': platform.processor() or
     platform.machine(), 'cpu_count': __import__('os').cpu_count(),
     'date': datetime.datetime.now().isoformat(timespec='seconds'), 'runs': [],
