@@ -8,7 +8,7 @@ r"""PyTorch eager GPT of the same shape as gpt_char, for the quality and speed c
 2. Speed, side by side: R rounds, each timing `--block` train steps of torch, then `--block` steps of the
    jitted JAX step (from `lstm_attn.train.build_steps`, the trainer's own), on the same batches. Medians of
    per-step times per framework and the median of per-round ratios are reported, so machine load hits both
-   alike. Both use every core by default (`--threads`).
+   alike. Both use every core by default; `--threads=1` runs both on one thread each.
 3. Quality (`--train_steps`, default 2000): trains the torch model with the same recipe (AdamW with
    decay on matrices only, warmup + cosine, clipping 1.0, same batches) and evaluates the whole val split
    as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
@@ -100,7 +100,9 @@ def _load_jax_params(model, params):
       sd[f'blocks.{i}.{name}.bias'] = blk['mlp'][name]['bias']
     for ln in ('ln1', 'ln2'):
       sd[f'blocks.{i}.{ln}.weight'], sd[f'blocks.{i}.{ln}.bias'] = blk[ln]['scale'], blk[ln]['bias']
-  sd = {k: torch.tensor(np.array(v[...] if hasattr(v, 'value') else v)) for k, v in sd.items()}
+  from flax import nnx
+
+  sd = {k: torch.tensor(np.array(v[...] if isinstance(v, nnx.Variable) else v)) for k, v in sd.items()}
   missing = set(model.state_dict()) - set(sd)
   if missing:
     raise ValueError(f'torch parameters with no JAX counterpart: {sorted(missing)}')
@@ -110,12 +112,18 @@ def _load_jax_params(model, params):
 def _torch_optimizer(model, c):
   import torch
 
-  decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'wte' not in n and 'wpe' not in n]
-  no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'wte' not in n and 'wpe' not in n)]
+  def decays(name, p):  # as lstm_attn.optim.decay_mask
+    is_embedding = 'wte' in name or 'wpe' in name
+    return p.dim() >= 2 and (c.optim.get('decay_embeddings', False) or not is_embedding)
+
+  decay = [p for n, p in model.named_parameters() if decays(n, p)]
+  no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
   o = c.optim
   opt = torch.optim.AdamW(
     [{'params': decay, 'weight_decay': o.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-    lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+    lr=o.learning_rate,
+    betas=(o.b1, o.b2),
+    eps=o.eps,
   )
 
   def lr_at(step):  # optax.warmup_cosine_decay_schedule(0, lr, warmup, num_steps, min_lr)
@@ -129,6 +137,15 @@ def _torch_optimizer(model, c):
 
 def main(argv):
   del argv
+  threads = _THREADS.value or os.cpu_count()
+  if threads == 1:  # XLA's CPU backend on one thread too (before jax initialises its backend)
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+    )
+  elif threads != os.cpu_count():
+    raise ValueError(
+      f'--threads={threads}: use 1 or the number of cores ({os.cpu_count()}); XLA uses all cores.'
+    )
   import jax
   import jax.numpy as jnp
   import torch
@@ -137,7 +154,6 @@ def main(argv):
   from lstm_attn import train, train_inputs
   from lstm_attn.models import build_model
 
-  threads = _THREADS.value or os.cpu_count()
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   c = _config(_DATA.value)
@@ -145,7 +161,9 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   inputs = train_inputs.make_inputs(c, workdir)
   vocab = inputs.vocab_size
-  steps, init, jax_step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=vocab, rngs=r), seed=0)
+  steps, init, jax_step, _, _ = train.build_steps(
+    c, lambda r: build_model(c, vocab_size=vocab, rngs=r), seed=0
+  )
   state = init()
 
   # 1. Correctness: same parameters -> same logits.
@@ -158,7 +176,9 @@ def main(argv):
   err = float(np.linalg.norm(torch_logits - jax_logits) / np.linalg.norm(jax_logits))
   print(f'correctness: torch vs JAX logits, relative L2 error {err:.2e}')
   if not err < 1e-5:
-    raise SystemExit(f'torch baseline does not match the JAX model (rel L2 {err:.2e}); timings would mean nothing')
+    raise SystemExit(
+      f'torch baseline does not match the JAX model (rel L2 {err:.2e}); timings would mean nothing'
+    )
 
   # 2. Speed, interleaved.
   opt, lr_at = _torch_optimizer(model, c)
@@ -174,7 +194,7 @@ def main(argv):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), c.optim.grad_clip_norm)
     opt.step()
-    return loss
+    return loss.detach()
 
   batches = [inputs.train.batch(i) for i in range(_BLOCK.value)]
   jbatches = [jax.device_put(b) for b in batches]
@@ -209,9 +229,12 @@ def main(argv):
     'jax': jax.__version__,
     'correctness_rel_l2': err,
   }
-  print(f'\n| framework | median ms/step |\n|---|---|\n| PyTorch eager ({threads} threads) | '
-        f'{result["torch_ms_per_step_median"]:.2f} |\n| lstm_attn JAX (jit) | {result["jax_ms_per_step_median"]:.2f} |\n'
-        f'JAX / torch, median of per-round ratios: {result["jax_over_torch_median_ratio"]:.3f}')
+  print(
+    f'\n| framework | median ms/step |\n|---|---|\n| PyTorch eager ({threads} threads) | '
+    f'{result["torch_ms_per_step_median"]:.2f} |\n'
+    f'| lstm_attn JAX (jit) | {result["jax_ms_per_step_median"]:.2f} |\n'
+    f'JAX / torch, median of per-round ratios: {result["jax_over_torch_median_ratio"]:.3f}'
+  )
 
   # 3. Quality: train the torch model with the same recipe and batches.
   if _TRAIN.value:
@@ -228,15 +251,18 @@ def main(argv):
     with torch.no_grad():
       for b in inputs.eval_batches('val'):
         logits = model(torch.from_numpy(b['inputs']).long())
-        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), torch.from_numpy(b['targets']).long().view(-1),
-                              reduction='none')
+        nll = F.cross_entropy(
+          logits.view(-1, logits.shape[-1]), torch.from_numpy(b['targets']).long().view(-1), reduction='none'
+        )
         w = torch.from_numpy(b['weights']).view(-1)
         total += float((nll * w).sum())
         count += float(w.sum())
     result['torch_val_loss'] = total / count
     result['torch_train_seconds'] = time.perf_counter() - t0
-    print(f'torch val loss after {_TRAIN.value} steps: {result["torch_val_loss"]:.4f} '
-          f'({result["torch_val_loss"] / math.log(2):.4f} bits/char)')
+    print(
+      f'torch val loss after {_TRAIN.value} steps: {result["torch_val_loss"]:.4f} '
+      f'({result["torch_val_loss"] / math.log(2):.4f} bits/char)'
+    )
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, 'w', encoding='utf-8') as f:

@@ -12,18 +12,24 @@ or no restorable checkpoint (the message says which; nothing in the workdir is o
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
-_CONFIG = config_flags.DEFINE_config_file('config', default=_DEFAULT_CONFIG, help_string='Experiment config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics, TensorBoard events, samples.')
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', default=_DEFAULT_CONFIG, help_string='Experiment config file.'
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Folder for checkpoints, metrics, TensorBoard events, samples.'
+)
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (config fields go as --config.field=value).')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows them
   from lstm_attn.checkpointing import CheckpointError
   from lstm_attn.train import TrainingDiverged, train_and_evaluate
 

@@ -50,8 +50,9 @@ def keys_to_data(tree):
   def one(x):
     if not _is_key(x):
       return x
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.eval_shape(jax.random.key_data, x)
+    if isinstance(x, jax.ShapeDtypeStruct):  # keep the target sharding: restores onto another mesh
+      data = jax.eval_shape(jax.random.key_data, x)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
     return jax.random.key_data(x)
 
   return jax.tree.map(one, tree)
@@ -62,8 +63,7 @@ def data_to_keys(tree, like):
   flat_like, treedef = jax.tree.flatten(like)
   flat = treedef.flatten_up_to(tree)
   out = [
-    jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x
-    for x, ref in zip(flat, flat_like)
+    jax.random.wrap_key_data(x, impl=_key_impl(ref)) if _is_key(ref) else x for x, ref in zip(flat, flat_like)
   ]
   return jax.tree.unflatten(treedef, out)
 
@@ -149,9 +149,7 @@ class Checkpointer:
       metrics = None
     return self._manager.save(
       int(step),
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)
-      ),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
       metrics=metrics,
       force=True,
     )
@@ -221,8 +219,12 @@ class Checkpointer:
     dst_root = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupted')
     os.makedirs(dst_root, exist_ok=True)
     dst = os.path.join(dst_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-    if os.path.exists(src):
+    if jax.process_index() == 0 and os.path.exists(src):  # every process found it broken; one moves it
       shutil.move(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f'lstm_attn_checkpoint_move_aside_{step}')
     self._manager.reload()
     return dst
 

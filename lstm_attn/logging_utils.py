@@ -112,9 +112,38 @@ class Progress:
     eta = (self.total_steps - step) * step_time
     parts = [f'step {step}/{self.total_steps}']
     parts += [f'{k} {v:.4f}' for k, v in scalars.items()]
-    parts += [f'{rates["tokens_per_s"]:,.0f} tok/s', f'{1e3 * step_time:.1f} ms/step', f'ETA {format_duration(eta)}']
+    parts += [
+      f'{rates["tokens_per_s"]:,.0f} tok/s',
+      f'{1e3 * step_time:.1f} ms/step',
+      f'ETA {format_duration(eta)}',
+    ]
     return ' | '.join(parts), rates
 
 
 def log(msg: str) -> None:
-  print(msg, file=sys.stdout, flush=True)
+  """Prints on the main process only (process 0 of a multi-process run)."""
+  import jax
+
+  if jax.process_index() == 0:
+    print(msg, file=sys.stdout, flush=True)
+
+
+class NullWriter:
+  """MetricWriter's interface, writing nothing (processes other than 0)."""
+
+  path = os.devnull
+
+  def truncate_after(self, step):
+    pass
+
+  def write(self, step, split, scalars):
+    pass
+
+  def write_text(self, step, tag, text):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass

@@ -167,49 +167,71 @@ def _dot(a, b, cdt, sdt):
   return jnp.matmul(a, b).astype(sdt)
 
 
-def _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_residuals):
-  """Runs the recurrence. xw: [T, B, 4H] (x @ W_ih + b, state dtype); mask: [T, B, 1] bool or None.
+def _gates(z):
+  """Activated gates (i, f, g, o) from the pre-activations z [B, 4H]."""
+  i, f, g, o = jnp.split(z, 4, axis=-1)
+  return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
-  Returns hs [T, B, R] (the carried h after each step, state dtype), hT, cT and, if keep_residuals,
-  (cs [T, B, H], gates [T, B, 4H]) with gates after their activations.
+
+def _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_residuals):
+  """Runs the recurrence. xw: [T, B, 4H] (x @ W_ih, state dtype, bias not added); mask: [T, B, 1] or None.
+
+  Returns hs [T, B, R] (the carried h after each step, state dtype), hT, cT and, if keep_residuals, the
+  residuals of the backward pass: `gates` [T, B, 4H] (activated (i, f, g, o), written over xw in place:
+  xw is a loop-carried buffer, so no second [T, B, 4H] array is allocated), `c_prev` [T, B, H] (the cell
+  state entering each step, so the backward pass needs no shifted copy) and, with a projection,
+  m = o * tanh(c) [T, B, H] (zero at padded steps).
   """
   sdt = h0.dtype
   w_hh_c = w_hh.astype(cdt)
   w_hr_c = None if w_hr is None else w_hr.astype(cdt)
 
-  def step(carry, xs):
-    h, c = carry  # [B, R], [B, H]
-    xw_t, valid = xs  # [B, 4H], [B, 1] or None
-    z = xw_t + _dot(h, w_hh_c, cdt, sdt)
-    i, f, g, o = _split4(z)
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+  def cell(h, c, z_in, valid):
+    gates = _gates(z_in + b + _dot(h, w_hh_c, cdt, sdt))
+    i, f, g, o = gates
     c_new = f * c + i * g
-    h_new = o * jnp.tanh(c_new)  # [B, H]
-    if w_hr_c is not None:
-      h_new = _dot(h_new, w_hr_c, cdt, sdt)  # [B, P]
+    m = o * jnp.tanh(c_new)  # [B, H]
+    h_new = m if w_hr_c is None else _dot(m, w_hr_c, cdt, sdt)  # [B, R]
     if valid is not None:
       h_new = jnp.where(valid, h_new, h)
       c_new = jnp.where(valid, c_new, c)
-    ys = (h_new, c_new, jnp.concatenate([i, f, g, o], axis=-1)) if keep_residuals else h_new
-    return (h_new, c_new), ys
+      m = jnp.where(valid, m, 0)
+    return h_new, c_new, gates, m
 
-  (hT, cT), ys = lax.scan(step, (h0, c0), (xw, mask), reverse=reverse, unroll=unroll)
-  if keep_residuals:
-    hs, cs, gates = ys
-    return hs, hT, cT, (cs, gates)
-  return ys, hT, cT, None
+  if not keep_residuals:
+
+    def step(carry, xs):
+      h, c = carry  # [B, R], [B, H]
+      h_new, c_new, _, _ = cell(h, c, *xs)
+      return (h_new, c_new), h_new
+
+    (hT, cT), hs = lax.scan(step, (h0, c0), (xw, mask), reverse=reverse, unroll=unroll)
+    return hs, hT, cT, None
+
+  def step_res(carry, xs):
+    h, c, buf = carry  # [B, R], [B, H], [T, B, 4H]: xw, becoming the gates step by step
+    t, valid = xs
+    h_new, c_new, gates, m = cell(h, c, lax.dynamic_index_in_dim(buf, t, keepdims=False), valid)
+    buf = lax.dynamic_update_index_in_dim(buf, jnp.concatenate(gates, axis=-1), t, 0)
+    return (h_new, c_new, buf), (h_new, c, None if w_hr_c is None else m)
+
+  steps = jnp.arange(xw.shape[0])
+  (hT, cT, gates), (hs, c_prev, m) = lax.scan(
+    step_res, (h0, c0, xw), (steps, mask), reverse=reverse, unroll=unroll
+  )
+  return hs, hT, cT, (gates, c_prev, m)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _recurrence(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _recurrence(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
   """(hs [T, B, R], hT [B, R], cT [B, H]) with a hand-written backward pass (see module docstring)."""
-  hs, hT, cT, _ = _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
+  hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
   return hs, hT, cT
 
 
-def _recurrence_fwd(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
-  hs, hT, cT, (cs, gates) = _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, True)
-  return (hs, hT, cT), (w_hh, w_hr, h0, c0, mask, hs, cs, gates)
+def _recurrence_fwd(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  hs, hT, cT, residuals = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, True)
+  return (hs, hT, cT), (b, w_hh, w_hr, h0, cT, mask, hs, *residuals)
 
 
 def _rows(seq):
@@ -225,60 +247,57 @@ def _shift(seq, first, reverse):
 
 
 def _recurrence_bwd(reverse, cdt, unroll, residuals, cotangents):
-  w_hh, w_hr, h0, c0, mask, hs, cs, gates = residuals
+  b, w_hh, w_hr, h0, cT, mask, hs, gates, c_prev, m = residuals
   d_hs, d_hT, d_cT = cotangents  # [T, B, R], [B, R], [B, H]
   sdt = h0.dtype
-  h_prev = _shift(hs, h0, reverse)  # [T, B, R]
-  c_prev = _shift(cs, c0, reverse)  # [T, B, H]
   w_hh_t = w_hh.T.astype(cdt)  # [4H, R]
   w_hr_t = None if w_hr is None else w_hr.T.astype(cdt)  # [P, H]
 
   def step(carry, xs):
-    dh, dc = carry  # cotangents of the carried h [B, R] and c [B, H] after this step
-    d_y, gates_t, c_t, c_prev_t, valid = xs
+    # Cotangents of the carried h [B, R] and c [B, H] after this step; the cell state after this step;
+    # the [T, B, 4H] buffer: gates, becoming dz (the gradient of the pre-activations) step by step.
+    dh, dc, c_t, buf = carry
+    t, d_y, c_prev_t, valid = xs
     dh = dh + d_y
+    # The barrier makes the gates a value of their own, read before `buf` is written (else XLA copies
+    # the whole buffer every step to keep the fused reads and the in-place write apart).
+    gates_t = lax.optimization_barrier(lax.dynamic_index_in_dim(buf, t, keepdims=False))
+    i, f, g, o = jnp.split(gates_t, 4, axis=-1)
     if valid is None:
-      dh_new, dc_new = dh, dc
+      dh_in, dc_in = dh, dc
     else:  # a padded step passes the carry through unchanged
-      dh_new, dh_pass = jnp.where(valid, dh, 0), jnp.where(valid, 0, dh)
-      dc_new, dc_pass = jnp.where(valid, dc, 0), jnp.where(valid, 0, dc)
-    i, f, g, o = _split4(gates_t)
-    dm = dh_new if w_hr_t is None else _dot(dh_new, w_hr_t, cdt, sdt)
-    tanh_c = jnp.tanh(c_t)  # c_t is c_new wherever the step is valid
-    d_o = dm * tanh_c
-    dc_new = dc_new + dm * o * (1 - tanh_c * tanh_c)
+      dh_in, dc_in = jnp.where(valid, dh, 0), jnp.where(valid, dc, 0)
+    dm = dh_in if w_hr_t is None else _dot(dh_in, w_hr_t, cdt, sdt)  # [B, H]
+    tanh_c = jnp.tanh(c_t)
+    dc_in = dc_in + dm * o * (1 - tanh_c * tanh_c)
     dz = jnp.concatenate(
-      [
-        dc_new * g * i * (1 - i),
-        dc_new * c_prev_t * f * (1 - f),
-        dc_new * i * (1 - g * g),
-        d_o * o * (1 - o),
-      ],
+      [dc_in * g * i * (1 - i), dc_in * c_prev_t * f * (1 - f), dc_in * i * (1 - g * g), dm * tanh_c * o * (1 - o)],
       axis=-1,
     )  # [B, 4H]
     dh_prev = _dot(dz, w_hh_t, cdt, sdt)
-    dc_prev = dc_new * f
+    dc_prev = dc_in * f
     if valid is not None:
-      dh_prev, dc_prev = dh_prev + dh_pass, dc_prev + dc_pass
-    return (dh_prev, dc_prev), (dz, dh_new if w_hr_t is not None else None)
+      dh_prev, dc_prev = dh_prev + jnp.where(valid, 0, dh), dc_prev + jnp.where(valid, 0, dc)
+    buf = lax.dynamic_update_index_in_dim(buf, dz, t, 0)
+    return (dh_prev, dc_prev, c_prev_t, buf), (None if w_hr_t is None else dh_in)
 
-  xs = (d_hs, gates, cs, c_prev, mask)
-  (d_h0, d_c0), (dz, dh_new) = lax.scan(step, (d_hT, d_cT), xs, reverse=not reverse, unroll=unroll)
+  xs = (jnp.arange(hs.shape[0]), d_hs, c_prev, mask)
+  (d_h0, d_c0, _, dz), dh = lax.scan(step, (d_hT, d_cT, cT, gates), xs, reverse=not reverse, unroll=unroll)
   # Weight gradients: one matmul over all time steps and examples each.
+  h_prev = _shift(hs, h0, reverse)  # [T, B, R]
   d_w_hh = _dot(_rows(h_prev).T, _rows(dz).astype(cdt), cdt, sdt)  # [R, 4H]
   d_w_hr = None
   if w_hr is not None:
-    m = gates[..., 3 * cs.shape[-1] :] * jnp.tanh(cs)  # o * tanh(c): [T, B, H]
-    d_w_hr = _dot(_rows(m).T, _rows(dh_new).astype(cdt), cdt, sdt)  # [H, P]
-    d_w_hr = d_w_hr.astype(w_hr.dtype)
-  return dz, d_w_hh.astype(w_hh.dtype), d_w_hr, d_h0, d_c0, None
+    d_w_hr = _dot(_rows(m).T, _rows(dh).astype(cdt), cdt, sdt).astype(w_hr.dtype)  # [H, P]
+  d_b = jnp.sum(_rows(dz), axis=0).astype(b.dtype)
+  return dz, d_b, d_w_hh.astype(w_hh.dtype), d_w_hr, d_h0, d_c0, None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _recurrence_autodiff(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
-  hs, hT, cT, _ = _forward_scan(xw, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
+def _recurrence_autodiff(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
   return hs, hT, cT
 
 
@@ -387,10 +406,10 @@ def lstm(
     for direction in range(cfg.num_directions):
       cell = params[_cell_name(layer, direction)]
       index = layer * cfg.num_directions + direction
-      # Input projection for all steps and gates at once: [T, B, 4H].
-      xw = _dot(x, cell['w_ih'].astype(cdt), cdt, sdt) + cell['b'].astype(sdt)
+      # Input projection for all steps and gates at once: [T, B, 4H] (the bias is added inside the step).
+      xw = _dot(x, cell['w_ih'].astype(cdt), cdt, sdt)
       hs, hT, cT = recurrence(
-        xw, cell['w_hh'], cell.get('w_hr'), h_init[index], c_init[index], mask,
+        xw, cell['b'].astype(sdt), cell['w_hh'], cell.get('w_hr'), h_init[index], c_init[index], mask,
         bool(reverse) != bool(direction), cdt, unroll,
       )  # fmt: skip
       if mask is not None:

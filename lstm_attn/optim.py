@@ -11,10 +11,14 @@ Config fields (`config.optim`):
   decay_steps: end of the cosine (default: `config.num_train_steps`), like nanoGPT's `lr_decay_iters`.
   b1, b2, eps: Adam moments.
   weight_decay: decoupled decay (AdamW), applied only where `decay_mask` says so.
+  decay_embeddings: also decay embedding tables (nanoGPT decays every parameter with >= 2 dimensions,
+    its tied token embedding included; default False: embeddings are skipped).
   grad_clip_norm: clip the global gradient norm to this (0 or None: no clipping).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import optax
@@ -34,24 +38,31 @@ def _path_names(path) -> list[str]:
   return names
 
 
-def _decays(path, leaf) -> bool:
+_EMBEDDING_NAMES = ('embed', 'embedding', 'wte', 'wpe', 'pos_emb')
+
+
+def _decays(path, leaf, embeddings: bool = False) -> bool:
   if getattr(leaf, 'ndim', 0) < 2:
     return False  # biases, scales, scalars
   for name in _path_names(path):
     if name == 'value':
       continue
-    if name in _NO_DECAY_NAMES or 'embed' in name or 'norm' in name:
+    is_embedding = name in _EMBEDDING_NAMES or 'embed' in name
+    if is_embedding and embeddings:
+      continue
+    if name in _NO_DECAY_NAMES or is_embedding or 'norm' in name:
       return False
   return True
 
 
-def decay_mask(params):
+def decay_mask(params, *, embeddings: bool = False):
   """A pytree of bools like `params`: True where weight decay applies (matrices that are not embeddings).
 
   Biases, LayerNorm/RMSNorm scales and offsets (anything with fewer than 2 dimensions or a path component
-  naming a norm) and embedding tables (a path component containing 'embed') are excluded.
+  naming a norm) and, unless `embeddings=True`, embedding tables (a path component containing 'embed')
+  are excluded.
   """
-  return jax.tree_util.tree_map_with_path(_decays, params)
+  return jax.tree_util.tree_map_with_path(lambda p, x: _decays(p, x, embeddings), params)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -90,7 +101,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
       b2=float(o.get('b2', 0.999)),
       eps=float(o.get('eps', 1e-8)),
       weight_decay=float(o.get('weight_decay', 0.0)),
-      mask=decay_mask,
+      mask=functools.partial(decay_mask, embeddings=bool(o.get('decay_embeddings', False))),
     )
   )
   return optax.chain(*parts)

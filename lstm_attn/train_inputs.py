@@ -79,7 +79,9 @@ def _tokenizer(config, corpus, workdir):
   vocab = d.get('vocab_size', None) if kind in ('bpe', 'unigram', 'sentencepiece') else None
   text = corpus.text('train') if kind != 'byte' else None
   tok = tokenizers.make_tokenizer(kind, text, workdir, vocab)
-  path = os.path.join(workdir, 'tokenizer.model' if kind in ('bpe', 'unigram', 'sentencepiece') else 'tokenizer.json')
+  path = os.path.join(
+    workdir, 'tokenizer.model' if kind in ('bpe', 'unigram', 'sentencepiece') else 'tokenizer.json'
+  )
   return tok, path
 
 
@@ -94,7 +96,9 @@ def _load_corpus(config):
   if path is not None:
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-      raise FileNotFoundError(f'config.data.path={path!r} does not exist (give a text file or a folder of them).')
+      raise FileNotFoundError(
+        f'config.data.path={path!r} does not exist (give a text file or a folder of them).'
+      )
   return corpora.load_corpus(path, max_bytes=d.get('max_bytes', None))
 
 

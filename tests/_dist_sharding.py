@@ -62,7 +62,7 @@ def tiny_config():
   c.batch_size = BATCH
   c.num_train_steps = 10
   c.optim.warmup_steps = 1
-  c.optim.learning_rate = 1e-2
+  c.optim.learning_rate = 1e-3
   return c
 
 

@@ -16,7 +16,8 @@ import sys
 
 import jax
 
-jax.config.update('jax_num_cpu_devices', 4)
+if __name__ == '__main__':  # the test imports config_for from here in its own (one-device) process
+  jax.config.update('jax_num_cpu_devices', 4)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +35,7 @@ def config_for(fsdp: int, distributed: dict | None = None):
   c.eval_batch_size = 8
   c.mesh.fsdp = fsdp
   c.mesh.fsdp_min_size = 1  # the tiny model's parameters are split too
+  c.sample_tokens = 5  # sampling runs on every process; only process 0 prints
   if distributed:
     c.distributed.update(distributed)
   return c

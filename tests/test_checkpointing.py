@@ -170,7 +170,9 @@ def test_load_params_and_transfer_only_matching(tmp_path):
   new, restored, fresh, unused = transfer_params(dst, raw, 'backbone')
   assert sorted(restored) == ['backbone/bias', 'backbone/kernel']
   assert any(f.startswith('head/kernel') for f in fresh) and any(f.startswith('norm/') for f in fresh)
-  np.testing.assert_array_equal(np.asarray(new['backbone']['kernel'][...]), np.asarray(src['params']['backbone']['kernel'][...]))
+  np.testing.assert_array_equal(
+    np.asarray(new['backbone']['kernel'][...]), np.asarray(src['params']['backbone']['kernel'][...])
+  )
   np.testing.assert_array_equal(np.asarray(new['head']['kernel'][...]), 0.0)
   assert 'head/kernel' in unused
   with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
@@ -186,7 +188,8 @@ def test_decay_mask_skips_biases_norms_embeddings():
 
   params = nnx.state(M(nnx.Rngs(0)), nnx.Param)
   mask = {
-    jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
+    jax.tree_util.keystr(p): bool(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
   }
   decayed = sorted(k for k, v in mask.items() if v)
   assert len(mask) == 5 and decayed == ["['fc']['kernel'].value"], mask
@@ -196,7 +199,10 @@ def test_schedule_warmup_cosine_floor():
   import ml_collections
 
   c = ml_collections.ConfigDict(
-    {'num_train_steps': 2000, 'optim': {'learning_rate': 1e-3, 'min_learning_rate': 1e-4, 'warmup_steps': 100}}
+    {
+      'num_train_steps': 2000,
+      'optim': {'learning_rate': 1e-3, 'min_learning_rate': 1e-4, 'warmup_steps': 100},
+    }
   )
   lr = optim.learning_rate_schedule(c)
   assert float(lr(0)) == 0.0

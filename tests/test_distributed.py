@@ -119,6 +119,7 @@ def test_two_processes_train_checkpoint_and_resume_on_another_mesh(tmp_path, ref
   steps = [r['step'] for r in _train_records(workdir)]
   assert steps == sorted(set(steps)), f'metrics written more than once per step: {steps}'  # process 0 only
   assert 'step 1/6' in out0 and 'step 1/6' not in out1, 'only process 0 prints the progress log'
+  assert 'sample @ 6' in out0 and 'sample @ 6' not in out1, 'only process 0 prints samples'
   # Same losses as one device on the same global batches (each process fed its own half of each batch).
   err = _rel_err([first[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)])
   assert err <= 1e-5, (first, ref)

@@ -14,9 +14,13 @@ from train_tiny import REPO, TINY_FLAGS, compilation_cache, config_from_flags, f
 from lstm_attn import train
 
 STEPS = 40
-RUN_FLAGS = TINY_FLAGS + [f'--config.num_train_steps={STEPS}', '--config.checkpoint_every=4', '--config.eval_every=20']
+RUN_FLAGS = TINY_FLAGS + [
+  f'--config.num_train_steps={STEPS}',
+  '--config.checkpoint_every=4',
+  '--config.eval_every=20',
+]
 
-_KILL_DURING_WRITE = r'''
+_KILL_DURING_WRITE = r"""
 import os, runpy, signal, sys
 from orbax.checkpoint._src.path import atomicity
 step = os.environ['KILL_WHILE_WRITING_STEP']
@@ -28,7 +32,7 @@ async def finalize(self, *args, **kwargs):
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 sys.argv = ['experiments/train.py'] + sys.argv[1:]
 runpy.run_path('experiments/train.py', run_name='__main__')
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -47,16 +51,22 @@ def reference(tmp_path_factory, cache_dir):
 
 
 def _env(cache_dir, **extra):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    **extra,
+  )
   env['PYTHONPATH'] = os.pathsep.join([REPO, env.get('PYTHONPATH', '')])
   return env
 
 
 def _main(args, cache_dir, script=None, **env):
   cmd = [sys.executable] + (['-c', script] if script else [os.path.join(REPO, 'experiments', 'train.py')])
-  return subprocess.run(cmd + args, cwd=REPO, env=_env(cache_dir, **env), capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(
+    cmd + args, cwd=REPO, env=_env(cache_dir, **env), capture_output=True, text=True, timeout=600
+  )
 
 
 def _assert_same_run(workdir, reference):
@@ -77,8 +87,13 @@ def _last_train_step(workdir):
 def test_sigkill_mid_training_then_restart_matches_uninterrupted(tmp_path, cache_dir, reference):
   workdir = str(tmp_path / 'run')
   args = RUN_FLAGS + [f'--workdir={workdir}']
-  proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'experiments', 'train.py')] + args, cwd=REPO,
-                          env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(REPO, 'experiments', 'train.py')] + args,
+    cwd=REPO,
+    env=_env(cache_dir),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 300
   while _last_train_step(workdir) < 10 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
@@ -130,8 +145,15 @@ def test_corrupted_latest_checkpoint_falls_back_with_message(tmp_path, cache_dir
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
   # lr 1e30 from step 2 on (warmup from 0): the parameters blow up and the loss at step 3 is not finite.
-  c = config_from_flags(TINY_FLAGS + ['--config.num_train_steps=8', '--config.checkpoint_every=1',
-                                      '--config.optim.learning_rate=1e30', '--config.optim.grad_clip_norm=0.0'])
+  c = config_from_flags(
+    TINY_FLAGS
+    + [
+      '--config.num_train_steps=8',
+      '--config.checkpoint_every=1',
+      '--config.optim.learning_rate=1e30',
+      '--config.optim.grad_clip_norm=0.0',
+    ]
+  )
   workdir = str(tmp_path / 'run')
   with pytest.raises(train.TrainingDiverged, match=r'at step \d: stopping without saving') as e:
     train.train_and_evaluate(c, workdir)

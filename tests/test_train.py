@@ -1,4 +1,4 @@
-"""lstm_attn.train: losses against a float64 reference, gradient accumulation, exact resume, every objective."""
+"""lstm_attn.train: losses vs a float64 reference, gradient accumulation, exact resume, every objective."""
 
 import dataclasses
 import json
@@ -149,7 +149,9 @@ def test_bert_pretraining_then_finetuning_with_transfer_report(tmp_path):
   pre = tiny_config('bert', steps=2, seed=1)  # another seed than the fine-tuning run's fresh init
   s = train.train_and_evaluate(pre, str(tmp_path / 'bert'))
   assert math.isfinite(s['val_loss']) and 0.0 <= s['val_nsp_accuracy'] <= 1.0
-  ft = tiny_config('bert', steps=2, num_classes=10, init_from=str(tmp_path / 'bert'), compare_from_scratch=True)
+  ft = tiny_config(
+    'bert', steps=2, num_classes=10, init_from=str(tmp_path / 'bert'), compare_from_scratch=True
+  )
   out = train.train_and_evaluate(ft, str(tmp_path / 'ft'))
   report = json.load(open(tmp_path / 'ft' / 'transfer.json'))
   assert report['restored'] and all(p.startswith('backbone/') for p in report['restored'])

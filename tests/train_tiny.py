@@ -65,8 +65,11 @@ def compilation_cache(path):
   its resumption, subprocesses of one test) compile each step function once. Restores the settings."""
   import jax
 
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
+  names = (
+    'jax_compilation_cache_dir',
+    'jax_persistent_cache_min_compile_time_secs',
+    'jax_persistent_cache_min_entry_size_bytes',
+  )
   old = {n: getattr(jax.config, n) for n in names}
   jax.config.update('jax_compilation_cache_dir', str(path))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -96,14 +99,16 @@ def final_params(workdir):
   from lstm_attn import checkpointing
 
   raw, step = checkpointing.load_params(workdir)
-  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(raw)[0]}
+  return step, {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(raw)[0]
+  }
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_from_flags(flags, config_file='experiments/configs/default.py'):
-  """The config `experiments/train.py --config=<config_file> <flags>` would run (for in-process references)."""
+  """The config `experiments/train.py --config=<config_file> <flags>` runs (for in-process references)."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location('_cfg', os.path.join(REPO, config_file))

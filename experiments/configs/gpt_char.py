@@ -5,7 +5,8 @@
 
 nanoGPT (`config/train_shakespeare_char.py` with its README's CPU overrides): 4 layers, 4 heads, width 128,
 context 64, batch 12, 2000 steps, lr 1e-3 with 100 warmup steps and cosine decay to 1e-4 at step 2000,
-AdamW beta2 0.99, weight decay 0.1 (matrices only), gradient clipping 1.0, dropout 0, character tokenizer;
+AdamW beta2 0.99, weight decay 0.1 on every >= 2-D parameter (embeddings included, as nanoGPT's
+`configure_optimizers`), gradient clipping 1.0, dropout 0, character tokenizer;
 nanoGPT reports val loss ~1.88 there. `data.path` is required (no default corpus stands in for it).
 """
 
@@ -31,6 +32,7 @@ def get_config():
   c.optim.warmup_steps = 100
   c.optim.b2 = 0.99
   c.optim.weight_decay = 0.1
+  c.optim.decay_embeddings = True  # nanoGPT decays every >= 2-D parameter, its tied embedding included
   c.optim.grad_clip_norm = 1.0
   c.log_every = 100
   c.eval_every = 500

@@ -1,0 +1,276 @@
+"""The pure core of training: losses per objective, the jitted train/eval steps, evaluation sums.
+
+  init_fn()                          -> state   (parameters are created under `jit`)
+  train_step(state, batch)           -> (state, metrics)   (state donated)
+  eval_step(params, rest, batch)     -> summed metrics
+where `state = {'step', 'params', 'rest', 'opt_state'}`: `params` is the `nnx.State` of the model's
+`nnx.Param`s, `rest` everything else the model holds (dropout RNG keys and counts), `opt_state` the optax
+state mirroring `params`. The model's structure (an `nnx.GraphDef`, one for train mode and one for eval
+mode) is static, closed over, and `nnx.merge`d inside the step. Because every array the run owns is an
+explicit argument or result, adding a device mesh is passing shardings to `jax.jit` (`build_steps(...,
+mesh=...)` takes them from `lstm_attn.sharding`); nothing else changes. Checkpoints are that same tree.
+
+Objectives (chosen from the model): next-token cross entropy ('lm': lstm_lm, lstm_attn, gpt), masked
+LM + next-sentence prediction ('mlm': bert), sequence classification ('cls': any model with
+`config.num_classes`). Mixed precision: `config.model.dtype='bfloat16'` makes the model compute in bf16
+from fp32 parameters (see lstm_attn.models); losses (`cross_entropy_sums` casts logits to fp32), gradients
+and the optimizer stay fp32. Gradient accumulation: `config.grad_accum_steps = k` splits each batch into k
+micro-batches scanned inside the step (one optimizer update per step; the batch size stays
+`config.batch_size`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lstm_attn import optim
+
+LN2 = math.log(2.0)
+LM_MODELS = ('lstm_lm', 'lstm_attn', 'gpt')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses (pure). Every one returns (mean loss to differentiate, dict of SUMS for exact aggregation).
+# ---------------------------------------------------------------------------------------------------
+def cross_entropy_sums(logits, labels, weights=None):
+  """logits [..., C] (any float dtype), labels [...] int, weights [...] (default 1).
+
+  Returns (sum of weighted losses, sum of weights, sum of weighted correct argmax), all fp32 scalars.
+  """
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)  # [...]
+  picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [...]
+  loss = logz - picked
+  w = jnp.ones_like(loss) if weights is None else weights.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return jnp.sum(loss * w), jnp.sum(w), jnp.sum(correct * w)
+
+
+def next_token_loss(logits, targets, weights=None):
+  """Causal LM. logits [B, T, V], targets [B, T] (inputs shifted by one), weights [B, T] or None."""
+  loss_sum, n, correct = cross_entropy_sums(logits, targets, weights)
+  mean = loss_sum / jnp.maximum(n, 1.0)
+  return mean, {'loss': loss_sum, 'count': n, 'correct': correct}
+
+
+def mlm_nsp_loss(mlm_logits, mlm_targets, mlm_weights, nsp_logits, nsp_labels):
+  """BERT pre-training: mean MLM loss over masked positions + mean NSP loss over the batch.
+
+  mlm_logits [B, T, V], mlm_targets [B, T], mlm_weights [B, T] (1 at the 15% chosen positions),
+  nsp_logits [B, 2], nsp_labels [B] (1: B follows A).
+  """
+  mlm_sum, mlm_n, mlm_correct = cross_entropy_sums(mlm_logits, mlm_targets, mlm_weights)
+  nsp_sum, nsp_n, nsp_correct = cross_entropy_sums(nsp_logits, nsp_labels)
+  mean = mlm_sum / jnp.maximum(mlm_n, 1.0) + nsp_sum / jnp.maximum(nsp_n, 1.0)
+  sums = {
+    'loss': mlm_sum,  # eval loss / perplexity are the MLM's (per masked token)
+    'count': mlm_n,
+    'correct': mlm_correct,
+    'nsp_loss': nsp_sum,
+    'nsp_count': nsp_n,
+    'nsp_correct': nsp_correct,
+  }
+  return mean, sums
+
+
+def classification_loss(logits, labels, weights=None):
+  """logits [B, C], labels [B] int, weights [B] (0 on padding rows) or None."""
+  loss_sum, n, correct = cross_entropy_sums(logits, labels, weights)
+  return loss_sum / jnp.maximum(n, 1.0), {'loss': loss_sum, 'count': n, 'correct': correct}
+
+
+def objective_of(config) -> str:
+  """'cls' when the config has num_classes, 'mlm' for BERT, 'lm' for the causal models."""
+  if config.get('num_classes', None):
+    return 'cls'
+  name = config.model.name
+  if name == 'bert':
+    return 'mlm'
+  if name in LM_MODELS:
+    return 'lm'
+  raise ValueError(f'config.model.name={name!r}: expected one of {LM_MODELS + ("bert",)}.')
+
+
+def model_loss(model, batch: dict, objective: str):
+  """Runs `model` on `batch` and returns (mean loss, sums). Batch keys (as `lstm_attn.data` yields them):
+
+  lm:  inputs [B, T], targets [B, T] (inputs shifted by one), optional weights [B, T] (0 on padding).
+  mlm: inputs (masked) [B, T], targets [B, T], weights [B, T] (1 where predicted), token_type_ids [B, T],
+       seq_lengths [B], nsp_labels [B].
+  cls: inputs [B, T], seq_lengths [B], labels [B], optional weights [B] and token_type_ids [B, T].
+  """
+  if objective == 'lm':
+    logits = model(batch['inputs'])  # [B, T, V]
+    return next_token_loss(logits, batch['targets'], batch.get('weights'))
+  if objective == 'mlm':
+    mlm_logits, nsp_logits = model(
+      batch['inputs'], batch['token_type_ids'], seq_lengths=batch['seq_lengths']
+    )  # [B, T, V], [B, 2]
+    return mlm_nsp_loss(mlm_logits, batch['targets'], batch['weights'], nsp_logits, batch['nsp_labels'])
+  if objective == 'cls':
+    kwargs = {'token_type_ids': batch['token_type_ids']} if 'token_type_ids' in batch else {}
+    logits = model(batch['inputs'], seq_lengths=batch['seq_lengths'], **kwargs)  # [B, C]
+    return classification_loss(logits, batch['labels'], batch.get('weights'))
+  raise ValueError(f"objective={objective!r}: expected 'lm', 'mlm' or 'cls'.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure steps.
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The static pieces of a run and its jitted pure functions (see the module docstring)."""
+
+  train_graphdef: Any
+  eval_graphdef: Any
+  tx: optax.GradientTransformation
+  objective: str
+  grad_accum_steps: int = 1
+
+  def loss_and_rest(self, params, rest, batch):
+    """Mean loss and sums of one (micro-)batch in train mode, and the updated non-param state."""
+    # copy=True: fresh Variables at this trace level, so dropout may advance its RNG count under grad.
+    model = nnx.merge(self.train_graphdef, params, rest, copy=True)
+    loss, sums = model_loss(model, batch, self.objective)
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return loss.astype(jnp.float32), (sums, new_rest)
+
+  def train_step(self, state, batch):
+    """One optimizer update. state as in the module docstring; batch: dict of [B, ...] arrays."""
+    grad_fn = jax.value_and_grad(self.loss_and_rest, has_aux=True)
+    params = state['params']
+    k = self.grad_accum_steps
+    if k == 1:
+      (loss, (sums, rest)), grads = grad_fn(params, state['rest'], batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)  # [k, B/k, ...]
+
+      def body(carry, mb):
+        grads_acc, rest, loss_acc, sums_acc = carry
+        (loss, (sums, rest)), grads = grad_fn(params, rest, mb)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
+        return (grads_acc, rest, loss_acc + loss, sums_acc), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      sums0 = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(lambda: self.loss_and_rest(params, state['rest'], first)[1][0])
+      )
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, rest, loss, sums), _ = jax.lax.scan(body, (zeros, state['rest'], jnp.float32(0), sums0), micro)
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss = loss / k
+    updates, opt_state = self.tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    if self.objective == 'mlm':
+      metrics['nsp_loss'] = sums['nsp_loss'] / jnp.maximum(sums['nsp_count'], 1.0)
+    if self.objective == 'cls':
+      metrics['accuracy'] = sums['correct'] / jnp.maximum(sums['count'], 1.0)
+    new_state = {'step': state['step'] + 1, 'params': new_params, 'rest': rest, 'opt_state': opt_state}
+    return new_state, metrics
+
+  def eval_step(self, params, rest, batch):
+    """Sums (loss, count, correct, ...) over one batch in eval mode (no dropout)."""
+    model = nnx.merge(self.eval_graphdef, params, rest, copy=True)
+    _, sums = model_loss(model, batch, self.objective)
+    return sums
+
+
+def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int, mesh=None):
+  """Abstract model -> graphdefs; returns (steps, init_fn, jitted train_step, jitted eval_step, abstract).
+
+  `model_fn(rngs)` builds the model; it is traced, never run eagerly: `init_fn` creates the parameters
+  and optimizer state under `jax.jit` (with `out_shardings` from the mesh when one is given).
+  """
+  tx = optim.make_optimizer(config)
+  abstract_model = nnx.eval_shape(lambda: model_fn(_rngs(seed)))
+  abstract_model.train()
+  train_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+  abstract_model.eval()
+  eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+  accum = int(config.get('grad_accum_steps', 1) or 1)
+  if accum < 1 or config.batch_size % accum:
+    raise ValueError(
+      f'config.grad_accum_steps={accum} must be >= 1 and divide config.batch_size={config.batch_size}.'
+    )
+  steps = Steps(train_graphdef, eval_graphdef, tx, objective_of(config), accum)
+
+  def init_fn():
+    model = model_fn(_rngs(seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'rest': rest, 'opt_state': tx.init(params)}
+
+  abstract_state = jax.eval_shape(init_fn)
+  state_sh = batch_sh = None
+  if mesh is not None:
+    from lstm_attn import sharding
+
+    state_sh = sharding.state_shardings(abstract_state, mesh, min_size=sharding.fsdp_min_size(config))
+    batch_sh = sharding.batch_sharding(mesh)
+  init = jax.jit(init_fn, out_shardings=state_sh)
+  train_step = jax.jit(
+    steps.train_step,
+    in_shardings=None if mesh is None else (state_sh, batch_sh),
+    out_shardings=None if mesh is None else (state_sh, None),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(steps.eval_step)
+  if mesh is not None:  # traced under jax.set_mesh: attention kernels then run per shard
+    init, train_step, eval_step = (sharding.with_mesh(f, mesh) for f in (init, train_step, eval_step))
+  abstract_state = (
+    jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+    if state_sh is not None
+    else abstract_state
+  )
+  return steps, init, train_step, eval_step, abstract_state
+
+
+def _rngs(seed: int) -> nnx.Rngs:
+  return nnx.Rngs(seed, params=seed, dropout=seed + 1)
+
+
+def merged_model(steps: Steps, state, *, train: bool = False):
+  """The NNX model holding `state`'s params (for sampling, export, inspection)."""
+  return nnx.merge(steps.train_graphdef if train else steps.eval_graphdef, state['params'], state['rest'])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------------
+def evaluate(
+  eval_step, state, batches, *, chars_per_token: float | None = None, bytes_per_token=None
+) -> dict:
+  """Sums `eval_step` over `batches` and returns loss, perplexity, bits per token/char/byte, accuracy.
+
+  Bits per character (byte) = bits per token / characters (UTF-8 bytes) per token of the split: exact
+  for the char (byte) tokenizer, where that ratio is 1.
+  """
+  total = None
+  for batch in batches:
+    sums = eval_step(state['params'], state['rest'], batch)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  if total is None:
+    raise ValueError('evaluation got no batches: the eval split is smaller than one batch.')
+  total = {k: float(v) for k, v in jax.device_get(total).items()}
+  n = max(total['count'], 1.0)
+  loss = total['loss'] / n
+  out = {'loss': loss, 'accuracy': total['correct'] / n, 'tokens': total['count']}
+  if 'nsp_loss' in total:
+    out['nsp_loss'] = total['nsp_loss'] / max(total['nsp_count'], 1.0)
+    out['nsp_accuracy'] = total['nsp_correct'] / max(total['nsp_count'], 1.0)
+  out['perplexity'] = math.exp(min(loss, 700.0))
+  out['bits_per_token'] = loss / LN2
+  if chars_per_token:
+    out['bits_per_char'] = out['bits_per_token'] / chars_per_token
+  if bytes_per_token:
+    out['bits_per_byte'] = out['bits_per_token'] / bytes_per_token
+  return out
