@@ -211,7 +211,12 @@ def dot_product_attention(
   if implementation == 'chunked':
     from lstm_attn.kernels.chunked_attention import chunked_attention as kernel
   else:
-    from lstm_attn.kernels.flash_attention import flash_attention as kernel
+    from lstm_attn import sharding
+    from lstm_attn.kernels.flash_attention import flash_attention
+
+    # A Pallas call is opaque to the SPMD partitioner: under a multi-device mesh (the trainer traces
+    # its steps under jax.set_mesh) run it per shard of the batch instead of gathering the batch.
+    kernel = sharding.per_shard_attention(flash_attention)
   return kernel(
     query,
     key,

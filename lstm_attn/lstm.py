@@ -13,10 +13,14 @@ Params pytree (weights laid out [in, out]; one bias per cell, since b_ih + b_hh 
    'layer0_reverse': {...} (bidirectional only), 'layer1': {...}, ...}      with R = P if P > 0 else H.
 
 Speed: the input projection for all time steps and all four gates is one matmul before the scan; each
-step does one fused [R, 4H] recurrent matmul. The backward pass is a `jax.custom_vjp` whose reverse scan
-only does the per-step recurrent matmul (dz_t @ W_hh^T, plus dh_t @ W_hr^T with a projection); the weight
-gradients are single large matmuls over all time steps after the scan (autodiff of `lax.scan` would do a
-small weight-gradient matmul per step instead).
+step does one fused [R, 4H] recurrent matmul. Each layer and direction is a `jax.custom_vjp` (projection
+included) whose forward scan writes the activated gates over the projection buffer in place and emits the
+cell state entering each step; its reverse scan only does the per-step recurrent matmul (dz_t @ W_hh^T,
+plus dh_t @ W_hr^T with a projection); dW_hh, dW_ih, d(inputs) and db are single large matmuls (or one
+sum) over all T * B rows after the scan (autodiff of `lax.scan` would do small per-step weight-gradient
+matmuls). Memory matters on CPU: XLA allocates all temporaries of a jitted function as one buffer, which
+glibc serves by a fresh mmap on every call once it is over 32 MiB, so every temporary MB costs page faults
+(~0.4 ms/MB here); see BUILD_NOTES.md.
 """
 
 from __future__ import annotations
@@ -153,10 +157,6 @@ def zero_carry(params: Params, batch_size: int) -> LSTMCarry:
 # One layer, one direction: the recurrence after the input projection.
 
 
-def _split4(z):
-  return jnp.split(z, 4, axis=-1)
-
-
 def _dot(a, b, cdt, sdt):
   """a @ b with the inputs in the compute dtype and the result in the state dtype.
 
@@ -222,16 +222,26 @@ def _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_re
   return hs, hT, cT, (gates, c_prev, m)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _recurrence(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
-  """(hs [T, B, R], hT [B, R], cT [B, H]) with a hand-written backward pass (see module docstring)."""
+def _project(x, w_ih, cdt, sdt):
+  """The input projection of all steps and gates as one matmul: x [T, B, F] -> [T, B, 4H] (no bias)."""
+  return _dot(_rows(x), w_ih.astype(cdt), cdt, sdt).reshape(*x.shape[:2], w_ih.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _layer(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  """One layer and direction: x [T, B, F] (compute dtype) -> (hs [T, B, R], hT [B, R], cT [B, H]).
+
+  With a hand-written backward pass (see the module docstring).
+  """
+  xw = _project(x, w_ih, cdt, h0.dtype)
   hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
   return hs, hT, cT
 
 
-def _recurrence_fwd(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+def _layer_fwd(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  xw = _project(x, w_ih, cdt, h0.dtype)
   hs, hT, cT, residuals = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, True)
-  return (hs, hT, cT), (b, w_hh, w_hr, h0, cT, mask, hs, *residuals)
+  return (hs, hT, cT), (x, w_ih, b, w_hh, w_hr, h0, cT, mask, hs, *residuals)
 
 
 def _rows(seq):
@@ -246,22 +256,18 @@ def _shift(seq, first, reverse):
   return jnp.concatenate([first[None], seq[:-1]], axis=0)
 
 
-def _recurrence_bwd(reverse, cdt, unroll, residuals, cotangents):
-  b, w_hh, w_hr, h0, cT, mask, hs, gates, c_prev, m = residuals
+def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
+  x, w_ih, b, w_hh, w_hr, h0, cT, mask, hs, gates, c_prev, m = residuals
   d_hs, d_hT, d_cT = cotangents  # [T, B, R], [B, R], [B, H]
   sdt = h0.dtype
   w_hh_t = w_hh.T.astype(cdt)  # [4H, R]
   w_hr_t = None if w_hr is None else w_hr.T.astype(cdt)  # [P, H]
 
   def step(carry, xs):
-    # Cotangents of the carried h [B, R] and c [B, H] after this step; the cell state after this step;
-    # the [T, B, 4H] buffer: gates, becoming dz (the gradient of the pre-activations) step by step.
-    dh, dc, c_t, buf = carry
-    t, d_y, c_prev_t, valid = xs
+    # Cotangents of the carried h [B, R] and c [B, H] after this step; the cell state after this step.
+    dh, dc, c_t = carry
+    d_y, gates_t, c_prev_t, valid = xs
     dh = dh + d_y
-    # The barrier makes the gates a value of their own, read before `buf` is written (else XLA copies
-    # the whole buffer every step to keep the fused reads and the in-place write apart).
-    gates_t = lax.optimization_barrier(lax.dynamic_index_in_dim(buf, t, keepdims=False))
     i, f, g, o = jnp.split(gates_t, 4, axis=-1)
     if valid is None:
       dh_in, dc_in = dh, dc
@@ -271,32 +277,41 @@ def _recurrence_bwd(reverse, cdt, unroll, residuals, cotangents):
     tanh_c = jnp.tanh(c_t)
     dc_in = dc_in + dm * o * (1 - tanh_c * tanh_c)
     dz = jnp.concatenate(
-      [dc_in * g * i * (1 - i), dc_in * c_prev_t * f * (1 - f), dc_in * i * (1 - g * g), dm * tanh_c * o * (1 - o)],
+      [
+        dc_in * g * i * (1 - i),
+        dc_in * c_prev_t * f * (1 - f),
+        dc_in * i * (1 - g * g),
+        dm * tanh_c * o * (1 - o),
+      ],
       axis=-1,
-    )  # [B, 4H]
+    )  # [B, 4H]: the gradient of the gate pre-activations
     dh_prev = _dot(dz, w_hh_t, cdt, sdt)
     dc_prev = dc_in * f
     if valid is not None:
       dh_prev, dc_prev = dh_prev + jnp.where(valid, 0, dh), dc_prev + jnp.where(valid, 0, dc)
-    buf = lax.dynamic_update_index_in_dim(buf, dz, t, 0)
-    return (dh_prev, dc_prev, c_prev_t, buf), (None if w_hr_t is None else dh_in)
+    return (dh_prev, dc_prev, c_prev_t), (dz, None if w_hr_t is None else dh_in)
 
-  xs = (jnp.arange(hs.shape[0]), d_hs, c_prev, mask)
-  (d_h0, d_c0, _, dz), dh = lax.scan(step, (d_hT, d_cT, cT, gates), xs, reverse=not reverse, unroll=unroll)
-  # Weight gradients: one matmul over all time steps and examples each.
+  xs = (d_hs, gates, c_prev, mask)
+  (d_h0, d_c0, _), (dz, dh) = lax.scan(step, (d_hT, d_cT, cT), xs, reverse=not reverse, unroll=unroll)
+  # Weight and input gradients: one matmul over all time steps and examples each.
+  dz_rows = _rows(dz).astype(cdt)  # [T * B, 4H]
   h_prev = _shift(hs, h0, reverse)  # [T, B, R]
-  d_w_hh = _dot(_rows(h_prev).T, _rows(dz).astype(cdt), cdt, sdt)  # [R, 4H]
+  d_w_hh = _dot(_rows(h_prev).T, dz_rows, cdt, sdt)  # [R, 4H]
+  d_w_ih = _dot(_rows(x).T, dz_rows, cdt, sdt)  # [F, 4H]
+  d_x = _dot(dz_rows, w_ih.T.astype(cdt), cdt, sdt).reshape(x.shape)  # [T, B, F]
   d_w_hr = None
   if w_hr is not None:
     d_w_hr = _dot(_rows(m).T, _rows(dh).astype(cdt), cdt, sdt).astype(w_hr.dtype)  # [H, P]
   d_b = jnp.sum(_rows(dz), axis=0).astype(b.dtype)
-  return dz, d_b, d_w_hh.astype(w_hh.dtype), d_w_hr, d_h0, d_c0, None
+  d_w_ih, d_w_hh = d_w_ih.astype(w_ih.dtype), d_w_hh.astype(w_hh.dtype)
+  return d_x.astype(x.dtype), d_w_ih, d_b, d_w_hh, d_w_hr, d_h0, d_c0, None
 
 
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+_layer.defvjp(_layer_fwd, _layer_bwd)
 
 
-def _recurrence_autodiff(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+def _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+  xw = _project(x, w_ih, cdt, h0.dtype)
   hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
   return hs, hT, cT
 
@@ -391,7 +406,7 @@ def lstm(
   mask = None
   if seq_lengths is not None:
     mask = (jnp.arange(time)[:, None] < jnp.asarray(seq_lengths)[None, :])[..., None]  # [T, B, 1]
-  recurrence = _recurrence if custom_vjp else _recurrence_autodiff
+  layer_fn = _layer if custom_vjp else _layer_autodiff
 
   # Time-major inside: transposing the (narrow) inputs once is cheaper than a [B, T, 4H] -> [T, B, 4H]
   # projection layout, which XLA:CPU runs as a slow non-canonical dot.
@@ -406,11 +421,9 @@ def lstm(
     for direction in range(cfg.num_directions):
       cell = params[_cell_name(layer, direction)]
       index = layer * cfg.num_directions + direction
-      # Input projection for all steps and gates at once: [T, B, 4H] (the bias is added inside the step).
-      xw = _dot(x, cell['w_ih'].astype(cdt), cdt, sdt)
-      hs, hT, cT = recurrence(
-        xw, cell['b'].astype(sdt), cell['w_hh'], cell.get('w_hr'), h_init[index], c_init[index], mask,
-        bool(reverse) != bool(direction), cdt, unroll,
+      hs, hT, cT = layer_fn(
+        x, cell['w_ih'], cell['b'].astype(sdt), cell['w_hh'], cell.get('w_hr'), h_init[index], c_init[index],
+        mask, bool(reverse) != bool(direction), cdt, unroll,
       )  # fmt: skip
       if mask is not None:
         hs = jnp.where(mask, hs, 0)

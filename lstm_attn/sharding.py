@@ -12,7 +12,17 @@ Config fields read here (all optional, see `experiments/configs/*`):
   config.mesh.fsdp: devices along 'fsdp' (1: plain data parallelism).
   config.mesh.fsdp_min_size: parameters with fewer elements stay replicated (sharding them costs more
     in collectives than it saves in memory).
-  config.distributed.enabled / coordinator_address / num_processes / process_id: multi-host.
+  config.distributed.enabled / coordinator_address / num_processes / process_id /
+    initialization_timeout: multi-host (or the environment variables JAX_COORDINATOR_ADDRESS, ...).
+
+The pieces, in the order a run uses them:
+  maybe_initialize_distributed(config)      jax.distributed.initialize when asked (before any device use)
+  mesh_from_config(config) / make_mesh      the ('data', 'fsdp') mesh, Auto axis types
+  state_shardings(abstract_state, mesh)     the FSDP rule over params and optimizer state (fsdp_spec)
+  batch_sharding / process_batch_slice / make_global_batch    each process feeds its own rows
+  global_array_from_full / eval_batch_sharding / put_like / host_copy    data every process holds whole
+  is_main_process()                         only process 0 logs, writes metrics and prints samples
+  shard_attention / per_shard_attention / with_mesh    attention kernels run per shard (shard_map)
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def reference_losses(tmp_path_factory):
 
   from lstm_attn.train import train_and_evaluate
 
-  if jax.device_count() != 1:
-    pytest.skip('the reference run needs a single-device process')
+  if jax.default_backend() != 'cpu' or jax.device_count() != 1:
+    pytest.skip('the reference run needs a single-CPU-device pytest process (the two processes run on CPU)')
   from _dist_train import config_for
 
   workdir = tmp_path_factory.mktemp('reference')

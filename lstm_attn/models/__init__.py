@@ -27,7 +27,8 @@ Fields of config.model, by name (defaults in brackets):
   'gpt' (GPT):
     d_model [128], num_layers [4], num_heads [4], num_kv_heads [None: = num_heads], mlp_hidden
     [None: 4 * d_model], max_len [256], positions ['learned' | 'rotary'], dropout [0.0],
-    tie_embeddings [True], activation ['gelu_tanh'], attention_impl [None].
+    tie_embeddings [True], activation ['gelu_tanh'], use_bias [True] (False: no biases in the Linears and
+    LayerNorms, as nanoGPT's bias=False), attention_impl [None].
   'bert' (BERT):
     d_model [128], num_layers [4], num_heads [4], mlp_hidden [None: 4 * d_model], max_len [256],
     type_vocab_size [2], dropout [0.1], pre_norm [False: post-LN as BERT], activation ['gelu'],
@@ -110,6 +111,7 @@ _FIELDS = {
     'dropout': (0.0, _FLOAT),
     'tie_embeddings': (True, _BOOL),
     'activation': ('gelu_tanh', _STR),
+    'use_bias': (True, _BOOL),
     'attention_impl': (None, _OPT_STR),
   },
   'bert': {

@@ -3,6 +3,9 @@
     tokens [B, T] -> wte (+ wpe for learned positions) -> dropout -> pre-LN TransformerBlock x L -> ln_f
                   -> logits = h @ wte.T                       (tied; an untied lm_head when asked)
 
+`use_bias=False` drops every bias (Q/K/V/O and MLP Linears, and the LayerNorms' offsets), as nanoGPT's
+`bias=False`; LayerNorm epsilon is 1e-5 everywhere (ln_f included), as nanoGPT and GPT-2.
+
 Initialisation as nanoGPT: every Linear and Embed ~ N(0, 0.02), biases 0, and the two projections that
 write into the residual stream (attn.out, mlp.fc2) ~ N(0, 0.02 / sqrt(2 * num_layers)). Positions are
 learned (wpe, up to max_len) or rotary (applied inside attention; no wpe). Every attention call goes
@@ -51,6 +54,7 @@ class GPTTrunk(nnx.Module):
     positions: str,
     dropout: float,
     activation: str,
+    use_bias: bool = True,
     implementation=None,
     dtype=None,
     rngs: nnx.Rngs,
@@ -91,6 +95,7 @@ class GPTTrunk(nnx.Module):
           pre_norm=True,
           rotary=positions == 'rotary',
           activation=activation,
+          use_bias=use_bias,
           implementation=implementation,
           dtype=dtype,
           rngs=rngs,
@@ -98,7 +103,7 @@ class GPTTrunk(nnx.Module):
         for _ in range(num_layers)
       ]
     )
-    self.ln_f = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(d_model, epsilon=1e-5, use_bias=use_bias, dtype=dtype, rngs=rngs)
     normal_reinit(
       self,
       rngs.params(),
@@ -172,6 +177,7 @@ class GPT(nnx.Module):
     dropout: float = 0.0,
     tie_embeddings: bool = True,
     activation: str = 'gelu_tanh',
+    use_bias: bool = True,
     implementation=None,
     dtype=None,
     rngs: nnx.Rngs,
@@ -188,6 +194,7 @@ class GPT(nnx.Module):
       positions=positions,
       dropout=dropout,
       activation=activation,
+      use_bias=use_bias,
       implementation=implementation,
       dtype=dtype,
       rngs=rngs,
