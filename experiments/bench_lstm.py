@@ -9,20 +9,26 @@ Implementations, all with the same weights and inputs [batch, time, input_size]:
 
 First every implementation's output and gradients (random cotangent) are checked against ours in float32
 (and its bf16 output against ours in float32); then each is compiled, warmed up and timed. Calls are
-interleaved (one call of each implementation per round) so load changes hit all alike; medians are
-reported with ratios to torch and to ours, and GFLOP/s against a large matmul measured in the same run.
+interleaved (one call of each implementation per round) so load changes hit all alike; medians of wall
+time are reported with ratios to torch and to ours, GFLOP/s against a large matmul measured in the same
+run, and the median CPU time of the process per call (all threads; on a shared machine it shows the work
+done when wall time is inflated by other processes).
 FLOPs: forward 2 * B * T * (input + hidden) * 4 * hidden; forward+backward 3x the forward.
 
-  python experiments/bench_lstm.py --output=/tmp/bench_lstm.json
-One thread for everyone (the CPU work of each, least sensitive to other load on the machine):
-  XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
-      python experiments/bench_lstm.py --torch_threads=1 --output=/tmp/bench_lstm_1thread.json
+Threads: torch gets as many threads as the cores this process may use (`--torch_threads=0`), which is
+also what XLA uses. Default (quick, float32: ours, flax, torch; < 1 min):
+  python experiments/bench_lstm.py --output_json=/tmp/bench_lstm.json
+All implementations and bf16:
+  python experiments/bench_lstm.py --full --output_json=/tmp/bench_lstm_full.json
+One core for everyone (XLA and torch both follow the affinity; no XLA flags needed):
+  taskset -c 0 python experiments/bench_lstm.py --output_json=/tmp/bench_lstm_1core.json
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,14 +47,22 @@ flags.DEFINE_integer('batch', 32, 'Batch size.')
 flags.DEFINE_integer('time', 128, 'Sequence length.')
 flags.DEFINE_integer('input_size', 256, 'Input features.')
 flags.DEFINE_integer('hidden_size', 512, 'Hidden size.')
-flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes: float32 and/or bfloat16.')
+ALL_IMPLEMENTATIONS = ('ours', 'ours_autodiff', 'flax', 'lstm_ref', 'torch')
+flags.DEFINE_list('dtypes', None, 'Compute dtypes: float32 and/or bfloat16. Default: float32 (--full: both).')
 flags.DEFINE_list(
-  'implementations', ['ours', 'ours_autodiff', 'flax', 'lstm_ref', 'torch'], 'Which implementations to run.'
+  'implementations', None, f'Any of {ALL_IMPLEMENTATIONS}. Default: ours, flax, torch (--full: all).'
 )
+flags.DEFINE_bool('full', False, 'All implementations and both dtypes (several minutes: compiling is most).')
 flags.DEFINE_integer('repeats', 5, 'Timed rounds (after one warm-up call); medians are reported.')
 flags.DEFINE_integer('unroll', lstm_lib.DEFAULT_UNROLL, 'lax.scan unroll of ours.')
-flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for torch.nn.LSTM (0: torch default).')
-flags.DEFINE_string('output', None, 'Write the results as JSON here.')
+flags.DEFINE_integer(
+  'torch_threads', 0, 'torch.set_num_threads for torch.nn.LSTM (0: the cores this process may use, as XLA).'
+)
+flags.DEFINE_string('output_json', None, 'Write the results as JSON here.')
+
+
+def _num_cores():
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 def _make_jax_impls(params, x, ct, dtype):
@@ -107,8 +121,7 @@ def _torch_impls(params, x, ct, dtype):
   import torch
 
   torch.manual_seed(0)
-  if FLAGS.torch_threads:
-    torch.set_num_threads(FLAGS.torch_threads)
+  torch.set_num_threads(FLAGS.torch_threads or _num_cores())
   features = x.shape[-1]
   hidden = params['w_hh'].shape[1] // 4
   model = torch.nn.LSTM(features, hidden, batch_first=True)
@@ -132,18 +145,22 @@ def _torch_impls(params, x, ct, dtype):
     out.backward(ctt.to(out.dtype))
     return x_in.grad.numpy(), model.weight_hh_l0.grad.numpy()
 
-  return fwd, fwd_bwd, torch.__version__
+  return fwd, fwd_bwd, torch.__version__, torch.get_num_threads()
 
 
 def _time_rounds(calls, repeats):
-  """calls: name -> zero-arg callable (already warm). Interleaves them; returns name -> median seconds."""
-  times = {name: [] for name in calls}
+  """calls: name -> zero-arg callable (already warm). Interleaves them.
+
+  Returns name -> (median wall seconds, median process CPU seconds over all threads).
+  """
+  wall, cpu = {name: [] for name in calls}, {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       call()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+      cpu[name].append(time.process_time() - start_cpu)
+      wall[name].append(time.perf_counter() - start)
+  return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
 
 
 def _matmul_peak(dtype):
@@ -152,7 +169,7 @@ def _matmul_peak(dtype):
   b = jnp.ones((768, 2048), dtype)
   f = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(f(a, b))
-  seconds = _time_rounds({'mm': lambda: jax.block_until_ready(f(a, b))}, 5)['mm']
+  seconds = _time_rounds({'mm': lambda: jax.block_until_ready(f(a, b))}, 5)['mm'][0]
   return 2 * 4096 * 768 * 2048 / seconds / 1e9
 
 
@@ -164,13 +181,16 @@ def _rel(a, b):
 def main(argv):
   del argv
   batch, time_, features, hidden = FLAGS.batch, FLAGS.time, FLAGS.input_size, FLAGS.hidden_size
-  for d in FLAGS.dtypes:
+  dtypes = FLAGS.dtypes or (['float32', 'bfloat16'] if FLAGS.full else ['float32'])
+  implementations = FLAGS.implementations or (
+    list(ALL_IMPLEMENTATIONS) if FLAGS.full else ['ours', 'flax', 'torch']
+  )
+  for d in dtypes:
     if d not in ('float32', 'bfloat16'):
       raise ValueError(f'--dtypes must be float32 and/or bfloat16, got {d!r}')
-  known = ('ours', 'ours_autodiff', 'flax', 'lstm_ref', 'torch')
-  for name in FLAGS.implementations:
-    if name not in known:
-      raise ValueError(f'--implementations: unknown {name!r}; choose from {known}')
+  for name in implementations:
+    if name not in ALL_IMPLEMENTATIONS:
+      raise ValueError(f'--implementations: unknown {name!r}; choose from {ALL_IMPLEMENTATIONS}')
   keys = jax.random.split(jax.random.key(0), 4)
   params = lstm_lib.init_lstm(keys[0], features, hidden)['layer0']
   params['b'] = 0.1 * jax.random.normal(keys[1], params['b'].shape)
@@ -180,22 +200,23 @@ def main(argv):
   try:
     import torch  # noqa: F401
 
-    have_torch = 'torch' in FLAGS.implementations
+    have_torch = 'torch' in implementations
   except ImportError:
     have_torch = False
 
   results = {
     'config': {'batch': batch, 'time': time_, 'input_size': features, 'hidden_size': hidden,
-               'repeats': FLAGS.repeats, 'unroll': FLAGS.unroll, 'torch_threads': FLAGS.torch_threads,
-               'xla_flags': __import__('os').environ.get('XLA_FLAGS', '')},
+               'repeats': FLAGS.repeats, 'unroll': FLAGS.unroll,
+               'xla_flags': os.environ.get('XLA_FLAGS', '')},
     'jax_version': jax.__version__, 'backend': jax.default_backend(), 'machine': platform.processor() or
-    platform.machine(), 'cpu_count': __import__('os').cpu_count(),
+    platform.machine(), 'cpu_count': os.cpu_count(), 'cores_used': _num_cores(),
+    'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
     'date': datetime.datetime.now().isoformat(timespec='seconds'), 'runs': [],
   }  # fmt: skip
-  for dtype in FLAGS.dtypes:
+  for dtype in dtypes:
     tol = 1e-4 if dtype == 'float32' else 3e-2
     impls = _make_jax_impls(params, x, ct, dtype)
-    impls = {k: v for k, v in impls.items() if k in FLAGS.implementations}
+    impls = {k: v for k, v in impls.items() if k in implementations}
     calls_fwd, calls_fb = {}, {}
     # Correctness first: against ours in float32.
     ref_out = np.asarray(jax.jit(lambda p, x: lstm_lib.lstm({'layer0': p}, x)[0])(params, x))
@@ -215,7 +236,8 @@ def main(argv):
       calls_fb[name] = lambda f=fwd_bwd, a=args: jax.block_until_ready(f(a, x))
     torch_version = None
     if have_torch:
-      t_fwd, t_fb, torch_version = _torch_impls(params, x, ct, dtype)
+      t_fwd, t_fb, torch_version, torch_threads = _torch_impls(params, x, ct, dtype)
+      results['config']['torch_threads'] = torch_threads
       g_x, g_w_hh = t_fb()
       checks['torch'] = {
         'output': _rel(t_fwd(), ref_out),
@@ -233,29 +255,31 @@ def main(argv):
     fb_t = _time_rounds(calls_fb, FLAGS.repeats)
     peak = _matmul_peak(jnp.dtype(dtype))
     for name in calls_fwd:
+      (fwd_s, fwd_cpu), (fb_s, fb_cpu) = fwd_t[name], fb_t[name]
       run = {
-        'dtype': dtype, 'implementation': name, 'forward_ms': 1e3 * fwd_t[name],
-        'forward_backward_ms': 1e3 * fb_t[name], 'check_rel_l2': checks[name],
-        'forward_gflops': flops_fwd / fwd_t[name] / 1e9,
-        'forward_backward_gflops': 3 * flops_fwd / fb_t[name] / 1e9,
-        'matmul_peak_gflops': peak,
+        'dtype': dtype, 'implementation': name, 'forward_ms': 1e3 * fwd_s, 'forward_backward_ms': 1e3 * fb_s,
+        'forward_cpu_ms': 1e3 * fwd_cpu, 'forward_backward_cpu_ms': 1e3 * fb_cpu,
+        'check_rel_l2': checks[name], 'forward_gflops': flops_fwd / fwd_s / 1e9,
+        'forward_backward_gflops': 3 * flops_fwd / fb_s / 1e9, 'matmul_peak_gflops': peak,
       }  # fmt: skip
       for base in ('ours', 'torch'):
         if base in fwd_t:
-          run[f'forward_vs_{base}'] = fwd_t[name] / fwd_t[base]
-          run[f'forward_backward_vs_{base}'] = fb_t[name] / fb_t[base]
+          run[f'forward_vs_{base}'] = fwd_s / fwd_t[base][0]
+          run[f'forward_backward_vs_{base}'] = fb_s / fb_t[base][0]
       results['runs'].append(run)
     if torch_version:
       results['torch_version'] = torch_version
 
   header = (
     f'{"dtype":9s} {"implementation":14s} {"fwd ms":>8s} {"fwd+bwd ms":>11s} {"fb/torch":>9s} {"fb/ours":>8s}'
-    f' {"fb GFLOP/s":>11s} {"of peak":>8s}'
+    f' {"fb GFLOP/s":>11s} {"of peak":>8s} {"fb CPU ms":>10s}'
   )
   print(
     f'\nB={batch} T={time_} input={features} hidden={hidden}; medians of {FLAGS.repeats} rounds;', end=' '
   )
-  print(f'jax {jax.__version__}; {results["cpu_count"]} CPUs')
+  load = results['load_average']
+  print(f'jax {jax.__version__}; {results["cores_used"]} of {results["cpu_count"]} CPUs', end='')
+  print(f'; torch threads {results["config"].get("torch_threads", "-")}; load {load[0]:.1f}' if load else '')
   print(header)
   for r in results['runs']:
     vs_torch = f'{r["forward_backward_vs_torch"]:.2f}' if 'forward_backward_vs_torch' in r else '-'
@@ -263,11 +287,12 @@ def main(argv):
       f'{r["dtype"]:9s} {r["implementation"]:14s} {r["forward_ms"]:8.1f} {r["forward_backward_ms"]:11.1f}'
       f' {vs_torch:>9s} {r.get("forward_backward_vs_ours", float("nan")):8.2f}'
       f' {r["forward_backward_gflops"]:11.1f} {r["forward_backward_gflops"] / r["matmul_peak_gflops"]:8.0%}'
+      f' {r["forward_backward_cpu_ms"]:10.1f}'
     )
-  if FLAGS.output:
-    with open(FLAGS.output, 'w') as f:
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, 'w') as f:
       json.dump(results, f, indent=2)
-    print(f'wrote {FLAGS.output}')
+    print(f'wrote {FLAGS.output_json}')
 
 
 if __name__ == '__main__':

@@ -489,7 +489,7 @@ def params_to_torch(params: Params) -> dict[str, Any]:
     import torch
   except ImportError:
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
-  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+  return {k: torch.from_numpy(np.array(v, order='C')) for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
