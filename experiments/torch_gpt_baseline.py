@@ -8,13 +8,16 @@ r"""PyTorch eager GPT of the same shape as gpt_char, for the quality and speed c
 2. Speed, side by side: R rounds, each timing `--block` train steps of torch, then `--block` steps of the
    jitted JAX step (from `lstm_attn.train.build_steps`, the trainer's own), on the same batches. Medians of
    per-step times per framework and the median of per-round ratios are reported, so machine load hits both
-   alike. Both use every core by default; `--threads=1` runs both on one thread each.
+   alike. Both use every core by default; `--threads=1` asks for one thread each (XLA still runs some
+   loops on 2 threads: prefix `taskset -c 0` for a true single core). `--frameworks=torch|jax` times one
+   framework only, to compare them in separate processes (run the script once per framework).
 3. Quality (`--train_steps`, default 2000): trains the torch model with the same recipe (AdamW with
    decay on matrices only, warmup + cosine, clipping 1.0, same batches) and evaluates the whole val split
    as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
 
-The architecture is lstm_attn's GPT: learned positions, pre-LN blocks with biases, exact GELU, tied
-embeddings; attention is `F.scaled_dot_product_attention(is_causal=True)` (as nanoGPT's flash path).
+The architecture is lstm_attn's GPT: learned positions, pre-LN blocks (biases as `config.model.use_bias`;
+gpt_char has none, as nanoGPT's bias=False), LayerNorm eps 1e-5, exact GELU, tied embeddings; attention is
+`F.scaled_dot_product_attention(is_causal=True)` (as nanoGPT's flash path).
 """
 
 import json
@@ -32,6 +35,13 @@ _ROUNDS = flags.DEFINE_integer('rounds', 7, 'Timing rounds (each: block torch st
 _BLOCK = flags.DEFINE_integer('block', 20, 'Steps per framework per round.')
 _TRAIN = flags.DEFINE_integer('train_steps', 2000, 'Torch training steps for the quality number (0: skip).')
 _OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
+_FRAMEWORKS = flags.DEFINE_enum(
+  'frameworks',
+  'both',
+  ['both', 'torch', 'jax'],
+  'Time both interleaved in this process, or only one (run the script twice, one framework per process, '
+  'for a comparison where the two thread pools never share a process).',
+)
 
 
 def _config(data_path):
@@ -52,13 +62,14 @@ def _torch_model(vocab, c):
   from torch import nn
 
   d, h, L, T = c.model.d_model, c.model.num_heads, c.model.num_layers, c.model.max_len
+  bias = bool(c.model.get('use_bias', True))  # nanoGPT's bias=False drops Linear and LayerNorm biases
 
   class Block(nn.Module):
     def __init__(self):
       super().__init__()
-      self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
-      self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
-      self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+      self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5, bias=bias), nn.LayerNorm(d, eps=1e-5, bias=bias)
+      self.query, self.key, self.value, self.out = (nn.Linear(d, d, bias=bias) for _ in range(4))
+      self.fc1, self.fc2 = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x):  # [B, T, d]
       B, T_, _ = x.shape
@@ -73,7 +84,7 @@ def _torch_model(vocab, c):
       super().__init__()
       self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
       self.blocks = nn.ModuleList(Block() for _ in range(L))
-      self.ln_f = nn.LayerNorm(d, eps=1e-6)
+      self.ln_f = nn.LayerNorm(d, eps=1e-5, bias=bias)
 
     def forward(self, idx):  # [B, T] -> [B, T, V]
       x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
@@ -90,22 +101,29 @@ def _load_jax_params(model, params):
 
   b = params['backbone']
   sd = {'wte.weight': b['wte']['embedding'], 'wpe.weight': b['wpe']['embedding']}
-  sd['ln_f.weight'], sd['ln_f.bias'] = b['ln_f']['scale'], b['ln_f']['bias']
+
+  def put(prefix, tree, weight, transpose=False):
+    w = tree[weight]
+    sd[f'{prefix}.weight'] = np.asarray(w[...]).T if transpose else w
+    if 'bias' in tree:
+      sd[f'{prefix}.bias'] = tree['bias']
+
+  put('ln_f', b['ln_f'], 'scale')
   for i, blk in b['blocks'].items():
     for name in ('query', 'key', 'value', 'out'):
-      sd[f'blocks.{i}.{name}.weight'] = np.asarray(blk['attn'][name]['kernel'][...]).T
-      sd[f'blocks.{i}.{name}.bias'] = blk['attn'][name]['bias']
+      put(f'blocks.{i}.{name}', blk['attn'][name], 'kernel', transpose=True)
     for name in ('fc1', 'fc2'):
-      sd[f'blocks.{i}.{name}.weight'] = np.asarray(blk['mlp'][name]['kernel'][...]).T
-      sd[f'blocks.{i}.{name}.bias'] = blk['mlp'][name]['bias']
+      put(f'blocks.{i}.{name}', blk['mlp'][name], 'kernel', transpose=True)
     for ln in ('ln1', 'ln2'):
-      sd[f'blocks.{i}.{ln}.weight'], sd[f'blocks.{i}.{ln}.bias'] = blk[ln]['scale'], blk[ln]['bias']
+      put(f'blocks.{i}.{ln}', blk[ln], 'scale')
   from flax import nnx
 
   sd = {k: torch.tensor(np.array(v[...] if isinstance(v, nnx.Variable) else v)) for k, v in sd.items()}
-  missing = set(model.state_dict()) - set(sd)
-  if missing:
-    raise ValueError(f'torch parameters with no JAX counterpart: {sorted(missing)}')
+  missing, extra = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
+  if missing or extra:
+    raise ValueError(
+      f'torch and JAX parameters differ: no JAX counterpart {sorted(missing)}, no torch one {sorted(extra)}'
+    )
   model.load_state_dict(sd)
 
 
@@ -137,14 +155,15 @@ def _torch_optimizer(model, c):
 
 def main(argv):
   del argv
-  threads = _THREADS.value or os.cpu_count()
+  cores = len(os.sched_getaffinity(0))  # `taskset -c 0 python ...` pins both frameworks to one core
+  threads = _THREADS.value or cores
   if threads == 1:  # XLA's CPU backend on one thread too (before jax initialises its backend)
     os.environ['XLA_FLAGS'] = (
       os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
     )
-  elif threads != os.cpu_count():
+  elif threads != cores:
     raise ValueError(
-      f'--threads={threads}: use 1 or the number of cores ({os.cpu_count()}); XLA uses all cores.'
+      f'--threads={threads}: use 1 or the number of usable cores ({cores}); XLA uses them all.'
     )
   import jax
   import jax.numpy as jnp
@@ -202,26 +221,37 @@ def main(argv):
     torch_step(batches[i], i)
     state, m = jax_step(state, jbatches[i])
   jax.block_until_ready(state)
+  run_torch, run_jax = _FRAMEWORKS.value in ('both', 'torch'), _FRAMEWORKS.value in ('both', 'jax')
   t_torch, t_jax, ratios = [], [], []
   for r in range(_ROUNDS.value):
     t0 = time.perf_counter()
-    for i, b in enumerate(batches):
+    for i, b in enumerate(batches if run_torch else ()):
       float(torch_step(b, i))
     t1 = time.perf_counter()
-    for b in jbatches:
+    for b in jbatches if run_jax else ():
       state, m = jax_step(state, b)
       float(m['loss'])  # per-step sync, as the torch loop's float(loss)
     t2 = time.perf_counter()
     tt, tj = (t1 - t0) / len(batches), (t2 - t1) / len(batches)
-    t_torch.append(tt)
-    t_jax.append(tj)
-    ratios.append(tj / tt)
-    print(f'round {r}: torch {1e3 * tt:.2f} ms/step, JAX {1e3 * tj:.2f} ms/step, JAX/torch {tj / tt:.3f}')
+    line = f'round {r}:'
+    if run_torch:
+      t_torch.append(tt)
+      line += f' torch {1e3 * tt:.2f} ms/step'
+    if run_jax:
+      t_jax.append(tj)
+      line += f' JAX {1e3 * tj:.2f} ms/step'
+    if run_torch and run_jax:
+      ratios.append(tj / tt)
+      line += f' JAX/torch {tj / tt:.3f}'
+    print(line)
+  median_ms = lambda ts: 1e3 * statistics.median(ts) if ts else float('nan')
   result = {
-    'torch_ms_per_step_median': 1e3 * statistics.median(t_torch),
-    'jax_ms_per_step_median': 1e3 * statistics.median(t_jax),
-    'jax_over_torch_median_ratio': statistics.median(ratios),
+    'frameworks': _FRAMEWORKS.value,
+    'torch_ms_per_step_median': median_ms(t_torch),
+    'jax_ms_per_step_median': median_ms(t_jax),
+    'jax_over_torch_median_ratio': statistics.median(ratios) if ratios else float('nan'),
     'threads': threads,
+    'cpu_affinity': sorted(os.sched_getaffinity(0)),
     'rounds': _ROUNDS.value,
     'block': _BLOCK.value,
     'load_average': os.getloadavg(),
@@ -230,7 +260,8 @@ def main(argv):
     'correctness_rel_l2': err,
   }
   print(
-    f'\n| framework | median ms/step |\n|---|---|\n| PyTorch eager ({threads} threads) | '
+    f'\n| framework | median ms/step |\n|---|---|\n'
+    f'| PyTorch eager ({threads} threads, {_FRAMEWORKS.value}) | '
     f'{result["torch_ms_per_step_median"]:.2f} |\n'
     f'| lstm_attn JAX (jit) | {result["jax_ms_per_step_median"]:.2f} |\n'
     f'JAX / torch, median of per-round ratios: {result["jax_over_torch_median_ratio"]:.3f}'

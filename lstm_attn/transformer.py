@@ -10,6 +10,7 @@ model.train() / model.eval().
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,21 @@ from flax import nnx
 
 from lstm_attn.attention import KVCache, MultiHeadAttention
 
+
+def gelu_exact(x):
+  """Exact GELU, x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))): torch.nn.GELU()'s formula.
+
+  Same function as `jax.nn.gelu(x, approximate=False)` (to float32 rounding), but that one is written with
+  `erfc`, which XLA expands into a two-branch rational polynomial with `exp`; on XLA:CPU its gradient
+  fuses that whole expansion into the transposed copy feeding the MLP's weight-gradient matmul, where it
+  does not vectorise (13 ms of a 21 ms MLP forward + backward at [768, 512], measured with
+  jax.profiler). `lax.erf` is a single clamped polynomial: the baby GPT's train step is ~2x faster.
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
+
+
 ACTIVATIONS = {
-  'gelu': functools.partial(jax.nn.gelu, approximate=False),  # torch.nn.GELU() default, BERT
+  'gelu': gelu_exact,  # torch.nn.GELU() default, BERT
   'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # GPT-2
   'relu': jax.nn.relu,
   'silu': jax.nn.silu,

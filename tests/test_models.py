@@ -424,3 +424,20 @@ def test_gpt_init_is_nanogpt_like():
   # wte + wpe + 2 blocks * (2 LayerNorms + attention 4 * (16 * 16 + 16) + MLP 2 * 16 * 64 + 64 + 16) + ln_f
   assert count_params(model) == 13 * 16 + 16 * 16 + 2 * (64 + 1088 + 2128) + 32
   assert model.flops_per_token(7) == 6 * (count_params(model) - 16 * 16) + 12 * 2 * 16 * 7
+
+
+def test_gpt_use_bias_false_drops_every_bias():
+  # nanoGPT's bias=False: no bias in any Linear or LayerNorm. Given the bias-free model's weights (and zero
+  # biases), the model with biases computes the same function; the parameter count drops by the biases.
+  cfg = lambda bias: _config('gpt', d_model=16, num_layers=2, num_heads=2, max_len=16, use_bias=bias)
+  with_bias = build_model(cfg(True), vocab_size=V, rngs=nnx.Rngs(0))
+  no_bias = build_model(cfg(False), vocab_size=V, rngs=nnx.Rngs(0))
+  paths = ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(no_bias, nnx.Param))]
+  assert paths and not [p for p in paths if p.endswith('bias')]
+  # per block: 2 LayerNorm offsets + 4 attention biases (16 each) + MLP biases 64 + 16; plus ln_f's offset
+  assert count_params(with_bias) - count_params(no_bias) == 2 * (2 * 16 + 4 * 16 + 64 + 16) + 16
+  nnx.update(with_bias, nnx.state(no_bias, nnx.Param))  # the biases stay at their zero init
+  tokens = jnp.asarray(np.random.default_rng(7).integers(0, V, (3, 7)), jnp.int32)
+  assert_close(no_bias(tokens), with_bias(tokens))
+  with pytest.raises(ValueError, match='use_bias'):
+    build_model(_config('gpt', use_bias='no'), vocab_size=V, rngs=nnx.Rngs(0))

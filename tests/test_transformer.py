@@ -1,5 +1,7 @@
 """MLP and TransformerBlock against float64 NumPy compositions; causality; KV cache; dropout switching."""
 
+import math
+
 import attention_np as ref_np
 import jax
 import jax.numpy as jnp
@@ -106,3 +108,20 @@ def test_block_dropout_and_gradients_with_an_empty_row():
   leaves = jax.tree.leaves(nnx.state(g_params)) + [g_x]
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
   assert float(jnp.abs(g_params.attn.query.kernel[...]).max()) > 0, 'row 1 still trains the query weights'
+
+
+def test_gelu_exact_value_and_gradient_match_float64():
+  # Odd size, tails included: value and vector-Jacobian product with a random cotangent vs float64 math.erf.
+  from lstm_attn.transformer import gelu_exact
+
+  x = np.concatenate([np.asarray(randn(3, (333,))) * 3, np.array([-12.0, -6.0, 0.0, 6.0, 12.0], np.float32)])
+  ct = np.asarray(randn(4, x.shape), np.float64)
+  x64 = x.astype(np.float64)
+  erf = np.vectorize(math.erf)
+  ref_y = 0.5 * x64 * (1 + erf(x64 / math.sqrt(2)))
+  ref_dx = ct * (0.5 * (1 + erf(x64 / math.sqrt(2))) + x64 * np.exp(-0.5 * x64**2) / math.sqrt(2 * math.pi))
+  y, vjp = jax.vjp(gelu_exact, jnp.asarray(x))
+  (dx,) = vjp(jnp.asarray(ct, jnp.float32))
+  assert_close(y, ref_y, what='gelu value')
+  assert_close(dx, ref_dx, what='gelu vjp')
+  np.testing.assert_allclose(np.asarray(y), np.asarray(jax.nn.gelu(x, approximate=False)), atol=1e-6)

@@ -6,7 +6,8 @@
 nanoGPT (`config/train_shakespeare_char.py` with its README's CPU overrides): 4 layers, 4 heads, width 128,
 context 64, batch 12, 2000 steps, lr 1e-3 with 100 warmup steps and cosine decay to 1e-4 at step 2000,
 AdamW beta2 0.99, weight decay 0.1 on every >= 2-D parameter (embeddings included, as nanoGPT's
-`configure_optimizers`), gradient clipping 1.0, dropout 0, character tokenizer;
+`configure_optimizers`), gradient clipping 1.0, dropout 0, no biases (bias=False), tied embeddings,
+init N(0, 0.02) with the residual projections at 0.02 / sqrt(2 * layers), character tokenizer;
 nanoGPT reports val loss ~1.88 there. `data.path` is required (no default corpus stands in for it).
 """
 
@@ -21,6 +22,7 @@ def get_config():
   c.model.max_len = 64
   c.model.dropout = 0.0
   c.model.activation = 'gelu'  # nanoGPT's nn.GELU() (exact)
+  c.model.use_bias = False  # nanoGPT's bias=False: no biases in Linears and LayerNorms
   c.data.path = ''
   c.data.required = True
   c.data.tokenizer = 'char'
