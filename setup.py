@@ -30,7 +30,7 @@ setup(
     'tensorboardX>=2.6',
   ],
   extras_require={
-    'test': ['pytest>=8', 'ruff>=0.6'],
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6'],
     # torch (CPU build) is optional: only for peer comparisons in the benchmarks and the
     # torch.nn.LSTM conversion tests, which are skipped without it.
     'bench': ['matplotlib>=3.8'],
