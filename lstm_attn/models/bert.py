@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lstm_attn.models.common import check_tokens, normal_reinit
+from lstm_attn.models.common import check_sizes, check_tokens, normal_reinit
 from lstm_attn.transformer import ACTIVATIONS, TransformerBlock
 
 Array = jax.Array
@@ -49,17 +49,15 @@ class BERTTrunk(nnx.Module):
     dtype=None,
     rngs: nnx.Rngs,
   ):
-    for name, v in (
-      ('vocab_size', vocab_size),
-      ('d_model', d_model),
-      ('num_layers', num_layers),
-      ('num_heads', num_heads),
-      ('mlp_hidden', mlp_hidden),
-      ('max_len', max_len),
-      ('type_vocab_size', type_vocab_size),
-    ):
-      if int(v) < 1:
-        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    check_sizes(
+      vocab_size=vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      mlp_hidden=mlp_hidden,
+      max_len=max_len,
+      type_vocab_size=type_vocab_size,
+    )
     if d_model % num_heads:
       raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
     if activation not in ACTIVATIONS:

@@ -117,6 +117,13 @@ def residual_std(num_layers: int, std: float = 0.02) -> float:
   return std / math.sqrt(2 * num_layers)
 
 
+def check_sizes(**sizes) -> None:
+  """Raises ValueError naming the first size argument that is not a positive integer."""
+  for name, v in sizes.items():
+    if int(v) < 1:
+      raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+
+
 def check_tokens(tokens, name='tokens'):
   """tokens must be a rank-2 integer array [batch, seq]."""
   if jnp.ndim(tokens) != 2:

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lstm_attn.attention import KVCache
-from lstm_attn.models.common import check_tokens, count_params, normal_reinit, residual_std, segment_positions
+from lstm_attn.models.common import (
+  check_sizes,
+  check_tokens,
+  count_params,
+  normal_reinit,
+  residual_std,
+  segment_positions,
+)
 from lstm_attn.transformer import ACTIVATIONS, TransformerBlock
 
 Array = jax.Array
@@ -59,16 +66,14 @@ class GPTTrunk(nnx.Module):
     dtype=None,
     rngs: nnx.Rngs,
   ):
-    for name, v in (
-      ('vocab_size', vocab_size),
-      ('d_model', d_model),
-      ('num_layers', num_layers),
-      ('num_heads', num_heads),
-      ('mlp_hidden', mlp_hidden),
-      ('max_len', max_len),
-    ):
-      if int(v) < 1:
-        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    check_sizes(
+      vocab_size=vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      mlp_hidden=mlp_hidden,
+      max_len=max_len,
+    )
     if positions not in POSITIONS:
       raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}.')
     if d_model % num_heads:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from lstm_attn.attention import KVCache, MultiHeadAttention
 from lstm_attn.lstm import LSTM, LSTMCarry
-from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_tokens, uniform_init
+from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_sizes, check_tokens, uniform_init
 
 Array = jax.Array
 
@@ -117,14 +117,7 @@ class HybridTrunk(nnx.Module):
     dtype=None,
     rngs: nnx.Rngs,
   ):
-    for name, v in (
-      ('vocab_size', vocab_size),
-      ('d_model', d_model),
-      ('num_layers', num_layers),
-      ('num_heads', num_heads),
-    ):
-      if int(v) < 1:
-        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    check_sizes(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads)
     if d_model % num_heads:
       raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
     if int(boom_hidden) < 0:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lstm_attn.lstm import LSTM, LSTMCarry
-from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_tokens, uniform_init
+from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_sizes, check_tokens, uniform_init
 
 Array = jax.Array
 
@@ -52,14 +52,7 @@ class LSTMTrunk(nnx.Module):
     dtype=None,
     rngs: nnx.Rngs,
   ):
-    for name, v in (
-      ('vocab_size', vocab_size),
-      ('embed_dim', embed_dim),
-      ('hidden_size', hidden_size),
-      ('num_layers', num_layers),
-    ):
-      if int(v) < 1:
-        raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+    check_sizes(vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers)
     if not (proj_size == 0 or 0 < proj_size < hidden_size):
       raise ValueError(f'proj_size must be 0 or in (0, hidden_size={hidden_size}), got {proj_size!r}.')
     for name, v in (
