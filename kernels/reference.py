@@ -77,7 +77,7 @@ def dense_mask(spec: MaskSpec, batch: int, q_len: int, kv_len: int) -> Array:
   return masks[:, None]
 
 
-def _normalize_window(local_window_size) -> tuple[int, int] | None:
+def normalize_window(local_window_size) -> tuple[int, int] | None:
   if local_window_size is None:
     return None
   if isinstance(local_window_size, (int, np.integer)):
@@ -174,7 +174,7 @@ def check_inputs(
   q_seg, kv_seg = _normalize_segment_ids(segment_ids, batch, q_len, kv_len)
   spec = MaskSpec(
     is_causal=bool(is_causal),
-    local_window=_normalize_window(local_window_size),
+    local_window=normalize_window(local_window_size),
     query_seq_lengths=_check_lengths('query_seq_lengths', query_seq_lengths, batch),
     key_value_seq_lengths=_check_lengths('key_value_seq_lengths', key_value_seq_lengths, batch),
     q_segment_ids=q_seg,

@@ -497,7 +497,7 @@ class MultiHeadAttention(nnx.Module):
     if is_causal:
       keep = keep & (kv_pos <= q_pos[:, None])
     if local_window_size is not None:
-      left, right = reference._normalize_window(local_window_size)
+      left, right = reference.normalize_window(local_window_size)
       keep = keep & (kv_pos >= q_pos[:, None] - left) & (kv_pos <= q_pos[:, None] + right)
     keep = jnp.broadcast_to(keep, (seq, max_len))[None, None]
     # A dense mask rules out the fused kernels; for a decode step (seq = 1) the xla path is the right
