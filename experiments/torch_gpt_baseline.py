@@ -15,7 +15,8 @@ r"""PyTorch eager GPT of the same shape as gpt_char, for the quality and speed c
    decay on matrices only, warmup + cosine, clipping 1.0, same batches) and evaluates the whole val split
    as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
 
-The architecture is lstm_attn's GPT: learned positions, pre-LN blocks (biases as `config.model.use_bias`;
+The architecture is lstm_attn's GPT as the config sets it: rotary (gpt_char) or learned positions
+(`--positions=learned`, nanoGPT's), pre-LN blocks (biases as `config.model.use_bias`;
 gpt_char has none, as nanoGPT's bias=False), LayerNorm eps 1e-5, exact GELU, tied embeddings; attention is
 `F.scaled_dot_product_attention(is_causal=True)` (as nanoGPT's flash path).
 """
@@ -35,6 +36,9 @@ _ROUNDS = flags.DEFINE_integer('rounds', 7, 'Timing rounds (each: block torch st
 _BLOCK = flags.DEFINE_integer('block', 20, 'Steps per framework per round.')
 _TRAIN = flags.DEFINE_integer('train_steps', 2000, 'Torch training steps for the quality number (0: skip).')
 _OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
+_POSITIONS = flags.DEFINE_enum(
+  'positions', None, ['rotary', 'learned'], "Override gpt_char's positions ('learned' is nanoGPT's model)."
+)
 _FRAMEWORKS = flags.DEFINE_enum(
   'frameworks',
   'both',
@@ -53,6 +57,8 @@ def _config(data_path):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.data.path = data_path
+  if _POSITIONS.value:
+    c.model.positions = _POSITIONS.value
   return c
 
 
@@ -63,6 +69,18 @@ def _torch_model(vocab, c):
 
   d, h, L, T = c.model.d_model, c.model.num_heads, c.model.num_layers, c.model.max_len
   bias = bool(c.model.get('use_bias', True))  # nanoGPT's bias=False drops Linear and LayerNorm biases
+  rotary = c.model.get('positions', 'learned') == 'rotary'
+  if rotary:  # lstm_attn.attention.apply_rotary: half-split pairs (j, j + hd/2), base 10000, float32
+    half = d // h // 2
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float32) * 2 / (d // h))  # [hd/2]
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq  # [T, hd/2]
+    cos_table = torch.cat([angles.cos(), angles.cos()], dim=-1)  # [T, hd]
+    sin_table = torch.cat([-angles.sin(), angles.sin()], dim=-1)  # [T, hd]: sign folds in rotate-half
+
+  def rotate(x):  # [B, h, T, hd] -> same, x * cos + swap_halves(x) * (-sin, sin)
+    n = x.shape[2]
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos_table[:n] + swapped * sin_table[:n]
 
   class Block(nn.Module):
     def __init__(self):
@@ -75,6 +93,8 @@ def _torch_model(vocab, c):
       B, T_, _ = x.shape
       y = self.ln1(x)
       q, k, v = (p(y).view(B, T_, h, d // h).transpose(1, 2) for p in (self.query, self.key, self.value))
+      if rotary:
+        q, k = rotate(q), rotate(k)
       a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h, T, hd]
       x = x + self.out(a.transpose(1, 2).reshape(B, T_, d))
       return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
@@ -82,12 +102,15 @@ def _torch_model(vocab, c):
   class GPT(nn.Module):
     def __init__(self):
       super().__init__()
-      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
+      self.wte = nn.Embedding(vocab, d)
+      self.wpe = None if rotary else nn.Embedding(T, d)
       self.blocks = nn.ModuleList(Block() for _ in range(L))
       self.ln_f = nn.LayerNorm(d, eps=1e-5, bias=bias)
 
     def forward(self, idx):  # [B, T] -> [B, T, V]
-      x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+      x = self.wte(idx)
+      if self.wpe is not None:
+        x = x + self.wpe(torch.arange(idx.shape[1]))
       for b in self.blocks:
         x = b(x)
       return self.ln_f(x) @ self.wte.weight.T
@@ -100,7 +123,9 @@ def _load_jax_params(model, params):
   import torch
 
   b = params['backbone']
-  sd = {'wte.weight': b['wte']['embedding'], 'wpe.weight': b['wpe']['embedding']}
+  sd = {'wte.weight': b['wte']['embedding']}
+  if 'wpe' in b:  # learned positions only (rotary models have no table)
+    sd['wpe.weight'] = b['wpe']['embedding']
 
   def put(prefix, tree, weight, transpose=False):
     w = tree[weight]

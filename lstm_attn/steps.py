@@ -22,6 +22,7 @@ micro-batches scanned inside the step (one optimizer update per step; the batch 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 
 from lstm_attn import optim
@@ -185,6 +187,40 @@ class Steps:
     return sums
 
 
+# XLA:CPU hands matmuls AND reductions to YNNPACK by default. On the short rows of a small transformer
+# (softmax backward over 64 keys, LayerNorm over 128 features) the YNNPACK reduce fusions are slower than
+# XLA's own loops: 0.6-0.8 ms each for the [12, 4, 64, 64] softmax-backward sums in gpt_char's step.
+# config.cpu_ynn_fusion='dots' keeps YNNPACK for matmuls only (gpt_char step 0.95x; the default byte GPT,
+# BERT and the LSTMs gain nothing, so it stays opt-in; BUILD_NOTES.md, "gpt_char: rotary positions").
+_CPU_YNN_FUSION = {
+  'default': {},
+  'dots': {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
+}
+
+
+def compiler_options(config) -> dict[str, str]:
+  """XLA compiler options for the train and eval steps from `config.cpu_ynn_fusion` (CPU only)."""
+  choice = config.get('cpu_ynn_fusion', 'default')
+  if choice not in _CPU_YNN_FUSION:
+    raise ValueError(f'config.cpu_ynn_fusion must be one of {sorted(_CPU_YNN_FUSION)}, got {choice!r}.')
+  options = _CPU_YNN_FUSION[choice]
+  if not options or jax.default_backend() != 'cpu' or not _cpu_accepts(tuple(options.items())):
+    return {}
+  return dict(options)
+
+
+@functools.cache
+def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+  # The option is experimental: a jaxlib that no longer knows it rejects it at compile time. Then the
+  # steps compile with XLA's defaults (same numbers, the default speed) after one warning.
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros(()))
+    return True
+  except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error types)
+    logging.warning('XLA rejected compiler options %s (%s); using its defaults.', dict(options), e)
+    return False
+
+
 def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int, mesh=None):
   """Abstract model -> graphdefs; returns (steps, init_fn, jitted train_step, jitted eval_step, abstract).
 
@@ -216,14 +252,16 @@ def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int
 
     state_sh = sharding.state_shardings(abstract_state, mesh, min_size=sharding.fsdp_min_size(config))
     batch_sh = sharding.batch_sharding(mesh)
+  options = compiler_options(config)
   init = jax.jit(init_fn, out_shardings=state_sh)
   train_step = jax.jit(
     steps.train_step,
     in_shardings=None if mesh is None else (state_sh, batch_sh),
     out_shardings=None if mesh is None else (state_sh, None),
     donate_argnums=0,
+    compiler_options=options,
   )
-  eval_step = jax.jit(steps.eval_step)
+  eval_step = jax.jit(steps.eval_step, compiler_options=options)
   if mesh is not None:  # traced under jax.set_mesh: attention kernels then run per shard
     init, train_step, eval_step = (sharding.with_mesh(f, mesh) for f in (init, train_step, eval_step))
   abstract_state = (

@@ -302,8 +302,9 @@ def _run_eval(config, inputs, place, steps, eval_step, state, step, writer, is_l
 def sample_text(config, inputs, steps, state, step, *, prompt: str | None = None, num_tokens=None) -> str:
   """Generates from the current params (eval mode) with the config's sampling settings.
 
-  A GPT with learned positions sees at most `model.max_len` tokens: longer samples are generated in
-  windows, each continuing from the last half window of the text so far (as nanoGPT crops its context).
+  A GPT is trained on windows of `model.max_len` tokens (learned positions end there; rotary ones run on
+  but were never trained on longer contexts): longer samples are generated in windows, each continuing
+  from the last half window of the text so far (as nanoGPT crops its context).
   """
   from lstm_attn.generate import generate
 
@@ -314,7 +315,7 @@ def sample_text(config, inputs, steps, state, step, *, prompt: str | None = None
     tokens = np.asarray(inputs.tokenizer.encode('\n'), np.int32)
   total = int(num_tokens or config.sample_tokens)
   window = None
-  if config.model.name == 'gpt' and config.model.get('positions', 'learned') == 'learned':
+  if config.model.name == 'gpt':
     window = int(config.model.max_len)
     tokens = tokens[-(window // 2) :]
   model = merged_model(steps, state)
@@ -483,6 +484,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
   c.distributed.initialization_timeout = config_dict.placeholder(int)
+  c.cpu_ynn_fusion = 'default'  # XLA:CPU only: 'dots' = YNNPACK for matmuls only (lstm_attn.steps)
   c.tensorboard = True  # event files in <workdir>/tensorboard (tensorboardX; it imports torch if present)
 
   c.optim = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 from helpers import assert_close
+from jax.flatten_util import ravel_pytree
 from train_tiny import compilation_cache, final_params, tiny_config, train_losses
 
+from lstm_attn import steps as steps_lib
 from lstm_attn import train, train_inputs
 from lstm_attn.models import build_model
 
@@ -185,6 +188,47 @@ def test_bf16_compute_keeps_fp32_params():
   _, init32, step32, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
   _, m32 = step32(init32(), batch)
   assert_close(m16['loss'], m32['loss'], dtype=jnp.bfloat16, what='bf16 vs fp32 loss')
+
+
+def _ynn_reduce_fusions(compiled_hlo: str) -> int:
+  """How many YNNPACK fusions of a compiled XLA:CPU program contain a reduce."""
+  bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)^\}', compiled_hlo, re.M | re.S))
+  called = re.findall(r'ynn_fusion[\w.]* = [^\n]* fusion\([^\n]*calls=%?([\w.\-]+)', compiled_hlo)
+  return sum(' reduce(' in bodies.get(name, '') for name in called)
+
+
+def test_cpu_ynn_fusion_dots_changes_compilation_not_results():
+  c = tiny_config('gpt')
+  c.model.dropout = 0.0
+  batch = {
+    'inputs': jax.random.randint(jax.random.key(4), (4, 16), 0, 261),
+    'targets': jax.random.randint(jax.random.key(5), (4, 16), 0, 261),
+  }
+  losses, params, reduce_fusions = {}, {}, {}
+  for choice in ('default', 'dots'):
+    c.cpu_ynn_fusion = choice
+    _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+    state = init()
+    reduce_fusions[choice] = _ynn_reduce_fusions(step.lower(state, batch).compile().as_text())
+    for _ in range(2):
+      state, m = step(state, batch)
+    losses[choice], params[choice] = m['loss'], state['params']
+  if steps_lib.compiler_options(c):  # CPU, and an XLA that knows the (experimental) option
+    assert steps_lib.compiler_options(c) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+    }
+    assert reduce_fusions['default'] > 0 and reduce_fusions['dots'] == 0, reduce_fusions
+  assert_close(losses['dots'], losses['default'], tol=1e-6, what='loss')
+  assert_close(ravel_pytree(params['dots'])[0], ravel_pytree(params['default'])[0], what='params')
+
+
+def test_cpu_ynn_fusion_bad_value_and_rejected_option():
+  c = tiny_config('gpt')
+  c.cpu_ynn_fusion = 'fast'
+  with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
+    train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  # An XLA that does not know an option (it is experimental) -> False, and the steps use the defaults.
+  assert not steps_lib._cpu_accepts((('xla_cpu_experimental_ynn_fusion_type', 'NO_SUCH_FUSION_TYPE'),))
 
 
 def test_bad_config_values_are_named(tmp_path):

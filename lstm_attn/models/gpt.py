@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lstm_attn.attention import KVCache
@@ -142,7 +143,7 @@ class GPTTrunk(nnx.Module):
       positions = (
         segment_positions(jnp.asarray(segment_ids))
         if segment_ids is not None
-        else jnp.arange(seq, dtype=jnp.int32)
+        else np.arange(seq, dtype=np.int32)  # NumPy: constant rotary tables (attention.apply_rotary)
       )
     if self.wpe is not None and cache is None and seq > self.max_len:  # rotary positions extrapolate
       raise ValueError(
