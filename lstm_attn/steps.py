@@ -198,12 +198,17 @@ _CPU_YNN_FUSION = {
 }
 
 
-def compiler_options(config) -> dict[str, str]:
-  """XLA compiler options for the train and eval steps from `config.cpu_ynn_fusion` (CPU only)."""
+def cpu_ynn_fusion(config) -> str:
+  """`config.cpu_ynn_fusion`, checked: 'default' or 'dots'."""
   choice = config.get('cpu_ynn_fusion', 'default')
   if choice not in _CPU_YNN_FUSION:
     raise ValueError(f'config.cpu_ynn_fusion must be one of {sorted(_CPU_YNN_FUSION)}, got {choice!r}.')
-  options = _CPU_YNN_FUSION[choice]
+  return choice
+
+
+def compiler_options(config) -> dict[str, str]:
+  """XLA compiler options for the train and eval steps from `config.cpu_ynn_fusion` (CPU only)."""
+  options = _CPU_YNN_FUSION[cpu_ynn_fusion(config)]
   if not options or jax.default_backend() != 'cpu' or not _cpu_accepts(tuple(options.items())):
     return {}
   return dict(options)

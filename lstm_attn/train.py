@@ -33,6 +33,7 @@ from lstm_attn.steps import (  # noqa: F401  (re-exported: the trainer's public 
   Steps,
   build_steps,
   classification_loss,
+  cpu_ynn_fusion,
   cross_entropy_sums,
   evaluate,
   merged_model,
@@ -76,6 +77,7 @@ def _validate(config, workdir) -> None:
       raise ValueError(f'config.{field}={v!r} must be a positive integer.')
   if not isinstance(config.get('eval_batches', 0), int) or config.get('eval_batches', 0) < 0:
     raise ValueError(f'config.eval_batches={config.eval_batches!r} must be an int >= 0 (0: whole split).')
+  cpu_ynn_fusion(config)  # before anything is written to the workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -222,11 +222,14 @@ def test_cpu_ynn_fusion_dots_changes_compilation_not_results():
   assert_close(ravel_pytree(params['dots'])[0], ravel_pytree(params['default'])[0], what='params')
 
 
-def test_cpu_ynn_fusion_bad_value_and_rejected_option():
+def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path):
   c = tiny_config('gpt')
   c.cpu_ynn_fusion = 'fast'
   with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
     train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # refused before anything was written
   # An XLA that does not know an option (it is experimental) -> False, and the steps use the defaults.
   assert not steps_lib._cpu_accepts((('xla_cpu_experimental_ynn_fusion_type', 'NO_SUCH_FUSION_TYPE'),))
 
