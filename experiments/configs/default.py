@@ -4,6 +4,8 @@
 
 About 5 minutes on 2 CPU cores: trains a small GPT on the Python standard library's source (no download),
 checkpoints, evaluates loss / perplexity / bits per byte on val and test, and prints a sample of code.
+Rotary positions: val 1.75 bits per byte vs 2.04 with a learned position table, same steps and wall time
+(BUILD_NOTES.md, "gpt_char: rotary positions").
 """
 
 from lstm_attn.train import base_config
@@ -15,6 +17,7 @@ def get_config():
   c.model.num_layers = 4
   c.model.num_heads = 4
   c.model.max_len = 128
+  c.model.positions = 'rotary'
   c.model.dropout = 0.0
   c.data.tokenizer = 'byte'
   c.data.seq_len = 128
