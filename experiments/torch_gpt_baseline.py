@@ -77,10 +77,10 @@ def _torch_model(vocab, c):
     cos_table = torch.cat([angles.cos(), angles.cos()], dim=-1)  # [T, hd]
     sin_table = torch.cat([-angles.sin(), angles.sin()], dim=-1)  # [T, hd]: sign folds in rotate-half
 
-  def rotate(x):  # [B, h, T, hd] -> same, x * cos + swap_halves(x) * (-sin, sin)
-    n = x.shape[2]
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return x * cos_table[:n] + swapped * sin_table[:n]
+    def rotate(x):  # [B, h, T, hd] -> same, x * cos + swap_halves(x) * (-sin, sin)
+      n = x.shape[2]
+      swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+      return x * cos_table[:n] + swapped * sin_table[:n]
 
   class Block(nn.Module):
     def __init__(self):

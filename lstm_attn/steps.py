@@ -208,21 +208,22 @@ def cpu_ynn_fusion(config) -> str:
 
 def compiler_options(config) -> dict[str, str]:
   """XLA compiler options for the train and eval steps from `config.cpu_ynn_fusion` (CPU only)."""
-  options = _CPU_YNN_FUSION[cpu_ynn_fusion(config)]
-  if not options or jax.default_backend() != 'cpu' or not _cpu_accepts(tuple(options.items())):
+  choice = cpu_ynn_fusion(config)
+  if not _CPU_YNN_FUSION[choice] or jax.default_backend() != 'cpu' or not _cpu_accepts(choice):
     return {}
-  return dict(options)
+  return dict(_CPU_YNN_FUSION[choice])
 
 
 @functools.cache
-def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
-  # The option is experimental: a jaxlib that no longer knows it rejects it at compile time. Then the
+def _cpu_accepts(choice: str) -> bool:
+  # The options are experimental: a jaxlib that no longer knows one rejects it at compile time. Then the
   # steps compile with XLA's defaults (same numbers, the default speed) after one warning.
+  options = _CPU_YNN_FUSION[choice]
   try:
-    jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros(()))
+    jax.jit(lambda x: x + 1, compiler_options=options)(jnp.zeros(()))
     return True
   except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error types)
-    logging.warning('XLA rejected compiler options %s (%s); using its defaults.', dict(options), e)
+    logging.warning('XLA rejected compiler options %s (%s); using its defaults.', options, e)
     return False
 
 

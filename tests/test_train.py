@@ -222,7 +222,7 @@ def test_cpu_ynn_fusion_dots_changes_compilation_not_results():
   assert_close(ravel_pytree(params['dots'])[0], ravel_pytree(params['default'])[0], what='params')
 
 
-def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path):
+def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path, monkeypatch):
   c = tiny_config('gpt')
   c.cpu_ynn_fusion = 'fast'
   with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
@@ -230,8 +230,14 @@ def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path):
   with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()  # refused before anything was written
-  # An XLA that does not know an option (it is experimental) -> False, and the steps use the defaults.
-  assert not steps_lib._cpu_accepts((('xla_cpu_experimental_ynn_fusion_type', 'NO_SUCH_FUSION_TYPE'),))
+  # An XLA that rejects the option (it is experimental) -> the steps compile with XLA's defaults.
+  bogus = {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH_FUSION_TYPE'}
+  monkeypatch.setitem(steps_lib._CPU_YNN_FUSION, 'bogus', bogus)
+  c.cpu_ynn_fusion = 'bogus'
+  assert steps_lib.compiler_options(c) == {}
+  _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  batch = {'inputs': jnp.zeros((4, 16), jnp.int32), 'targets': jnp.ones((4, 16), jnp.int32)}
+  assert np.isfinite(float(step(init(), batch)[1]['loss']))
 
 
 def test_bad_config_values_are_named(tmp_path):
