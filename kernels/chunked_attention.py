@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -298,13 +297,9 @@ def chunked_attention(
   )
   _check_block('block_q', block_q)
   _check_block('block_kv', block_kv)
-  if not math.isfinite(scale):
-    raise ValueError(f'scale must be finite, got {scale!r}.')
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   group = num_heads // kv_heads
-  if q_len == 0 or kv_len == 0:
-    raise ValueError(f'query and key/value lengths must be positive, got q_len={q_len}, kv_len={kv_len}.')
   bq, nq = _balanced_block(q_len, block_q)
   bk, nk = _balanced_block(kv_len, block_kv)
   cfg = _Config(

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import jax
 
-from lstm_attn.kernels import reference
-
 BACKENDS = ('gpu', 'triton', 'tpu')
 
 
@@ -68,18 +66,6 @@ def flash_attention(
     backend = _default_backend()
   if backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS} or None, got {backend!r}.')
-  # Validate here too, so that errors name the public arguments whatever the backend.
-  reference.check_inputs(
-    query,
-    key,
-    value,
-    scale=scale,
-    is_causal=is_causal,
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-    local_window_size=local_window_size,
-    segment_ids=segment_ids,
-  )
   kwargs = dict(
     scale=scale,
     is_causal=is_causal,
@@ -101,6 +87,4 @@ def flash_attention(
 
   if interpret is None:
     interpret = platform not in ('gpu', 'cuda', 'rocm')
-  if not isinstance(interpret, bool):
-    raise ValueError(f'interpret must be a bool or None for the Triton backend, got {interpret!r}.')
   return flash_attention_triton(query, key, value, interpret=interpret, **kwargs)

@@ -76,9 +76,9 @@ class BlockSizes:
         )
 
   @classmethod
-  def get_default(cls, q_len: int, kv_len: int) -> BlockSizes:
-    """128 x 128 tiles (as JAX's TPU flash attention), query blocks shrunk to fit short queries."""
-    del kv_len  # kv blocks cannot go below one 128-lane tile.
+  def get_default(cls, q_len: int) -> BlockSizes:
+    """128 x 128 tiles (as JAX's TPU flash attention), query blocks shrunk to fit short queries (kv
+    blocks cannot go below one 128-lane tile)."""
     block_q = min(128, _round_up(max(q_len, 1), NUM_SUBLANES))
     return cls(block_q=block_q, block_q_dkv=block_q, block_q_dq=block_q)
 
@@ -209,7 +209,7 @@ def _fwd_kernel(q_lens_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs, cfg):
     m_prev, l_prev = m_scr[...], l_scr[...]  # [bq, 128] each, lane-broadcast
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows that have seen nothing yet
-    p = jnp.where(ok, jnp.exp(s - _tile(m_safe, bk)), 0.0)  # [bq, bk]
+    p = jnp.exp(s - _tile(m_safe, bk))  # [bq, bk]; exactly 0 where masked (s = -inf, m_safe finite)
     alpha = jnp.exp(m_prev - m_safe)  # 0 while the row was empty
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_scr[...] = m_next
@@ -548,7 +548,7 @@ def flash_attention_tpu(
     query_seq_lengths, key_value_seq_lengths: [batch] ints; positions at or past them are hidden.
     local_window_size: int or (left, right): query i sees keys in [i - left, i + right].
     segment_ids: [batch, seq] ints (q_len == kv_len) or a (query_ids, key_value_ids) pair.
-    block_sizes: BlockSizes, or None for BlockSizes.get_default(q_len, kv_len).
+    block_sizes: BlockSizes, or None for BlockSizes.get_default(q_len).
     interpret: False (compile for TPU), True (Pallas TPU interpret mode, runs on CPU), or a
       pltpu.InterpretParams.
 
@@ -574,12 +574,12 @@ def flash_attention_tpu(
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, num_kv_heads = key.shape[1], key.shape[2]
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(q_len, kv_len)
+    block_sizes = BlockSizes.get_default(q_len)
   elif not isinstance(block_sizes, BlockSizes):
     raise ValueError(f'block_sizes must be a flash_attention_tpu.BlockSizes or None, got {block_sizes!r}.')
   if not (isinstance(interpret, bool) or isinstance(interpret, pltpu.InterpretParams)):
     raise ValueError(f'interpret must be a bool or a pltpu.InterpretParams, got {interpret!r}.')
-  if 0 in (batch, q_len, kv_len, num_heads):  # nothing to attend to: zeros, and zero gradients
+  if 0 in (batch, num_heads):  # nothing to attend to: zeros, and zero gradients
     return jnp.zeros_like(query)
 
   def lengths(given, full):  # always passed to the kernel: they also hide the padding
@@ -587,13 +587,10 @@ def flash_attention_tpu(
       return jnp.full((batch,), full, jnp.int32)
     return jnp.clip(given, 0, full)
 
-  window = spec.local_window
-  if window is not None:  # clipping to the sequence span changes nothing and keeps int32 sums safe
-    window = tuple(min(w, q_len + kv_len) for w in window)
   cfg = _Config(
     scale=scale,
     is_causal=spec.is_causal,
-    window=window,
+    window=spec.local_window,  # clipped to the sequence span by check_inputs (int32-safe)
     groups=num_heads // num_kv_heads,
     has_segments=spec.q_segment_ids is not None,
     precision=lax.Precision.HIGHEST if query.dtype in (jnp.float32, jnp.float16) else None,

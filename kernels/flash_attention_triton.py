@@ -626,18 +626,17 @@ def flash_attention_triton(
     raise ValueError(f'block_sizes must be a flash_attention_triton.BlockSizes, got {type(block_sizes)}.')
   block_sizes.validate()
   _, kv_mult = _pad_multiples(block_sizes, q_len, kv_len)
-  window = spec.local_window
-  if window is not None:  # |q - kv| < q_len + kv_len: clipping changes nothing and keeps int32 sums safe
-    window = tuple(min(w, q_len + kv_len) for w in window)
+  if not isinstance(interpret, bool):
+    raise ValueError(f'interpret must be a bool for the Triton kernel, got {interpret!r}.')
   cfg = _Config(
     scale=scale,
     is_causal=spec.is_causal,
-    window=window,
+    window=spec.local_window,  # clipped to the sequence span by check_inputs (int32-safe)
     has_segments=spec.q_segment_ids is not None,
     mask_kv_len=spec.key_value_seq_lengths is not None or kv_len % kv_mult != 0,
     head_dim=head_dim,
     blocks=block_sizes,
-    interpret=bool(interpret),
+    interpret=interpret,
     debug=debug,
   )
 

@@ -129,6 +129,16 @@ def _check_lengths(name, lengths, batch):
   return lengths.astype(jnp.int32)
 
 
+def check_bias(bias):
+  """An additive bias must be floating point: a boolean mask added as 0/1 would silently not mask."""
+  bias = jnp.asarray(bias)
+  if not jnp.issubdtype(bias.dtype, jnp.floating):
+    raise ValueError(
+      f'bias must be a float array (added to the logits), got {bias.dtype}; pass a boolean mask as mask=.'
+    )
+  return bias
+
+
 def check_inputs(
   query,
   key,
@@ -169,12 +179,19 @@ def check_inputs(
     )
   if head_dim == 0:
     raise ValueError(f'head_dim must be positive, got query shape {query.shape}.')
+  if q_len == 0 or kv_len == 0:
+    raise ValueError(f'query and key/value lengths must be positive, got q_len={q_len}, kv_len={kv_len}.')
   if scale is None:
     scale = 1.0 / math.sqrt(head_dim)
+  if not math.isfinite(scale):
+    raise ValueError(f'scale must be finite, got {scale!r}.')
+  window = normalize_window(local_window_size)
+  if window is not None:  # |q_pos - kv_pos| < max(q_len, kv_len): clipping changes no result and keeps
+    window = tuple(min(w, max(q_len, kv_len)) for w in window)  # the int32 position sums from overflowing
   q_seg, kv_seg = _normalize_segment_ids(segment_ids, batch, q_len, kv_len)
   spec = MaskSpec(
     is_causal=bool(is_causal),
-    local_window=normalize_window(local_window_size),
+    local_window=window,
     query_seq_lengths=_check_lengths('query_seq_lengths', query_seq_lengths, batch),
     key_value_seq_lengths=_check_lengths('key_value_seq_lengths', key_value_seq_lengths, batch),
     q_segment_ids=q_seg,
@@ -196,13 +213,11 @@ def mha_reference(
   key_value_seq_lengths=None,
   local_window_size=None,
   segment_ids=None,
-  return_lse=False,
 ):
   """Materialising attention. query [B, T, N, D], key/value [B, S, K, D] -> [B, T, N, D].
 
   Computes in float32 (float64 when given float64, for test references) and returns query.dtype.
   bias: broadcastable to [B, N, T, S]; mask: bool, broadcastable to [B, N, T, S], True = attend.
-  With return_lse, also returns the log-sum-exp of the scaled logits, [B, N, T] (-inf for empty rows).
   """
   scale, spec = check_inputs(
     query,
@@ -224,7 +239,7 @@ def mha_reference(
   v = jnp.repeat(value.astype(compute_dtype), num_heads // num_kv_heads, axis=2)
   logits = jnp.einsum('btnd,bsnd->bnts', q, k, precision=jax.lax.Precision.HIGHEST) * scale
   if bias is not None:
-    logits = logits + jnp.asarray(bias).astype(compute_dtype)
+    logits = logits + check_bias(bias).astype(compute_dtype)
   keep = dense_mask(spec, batch, q_len, kv_len)  # [B, 1, T, S]
   if mask is not None:
     mask = jnp.asarray(mask)
@@ -240,12 +255,4 @@ def mha_reference(
   denom = jnp.sum(p, axis=-1, keepdims=True)
   probs = p / jnp.where(denom == 0.0, 1.0, denom)
   out = jnp.einsum('bnts,bsnd->btnd', probs, v, precision=jax.lax.Precision.HIGHEST)
-  out = out.astype(query.dtype)
-  if return_lse:
-    lse = jnp.where(
-      denom[..., 0] > 0,
-      jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + safe_max[..., 0],
-      -jnp.inf,
-    )
-    return out, lse
-  return out
+  return out.astype(query.dtype)

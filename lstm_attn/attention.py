@@ -174,7 +174,7 @@ def dot_product_attention(
     segment_ids=segment_ids,
   )
   if bias is not None:
-    bias = _to_4d(bias, 'bias')
+    bias = reference.check_bias(_to_4d(bias, 'bias'))
   if mask is not None:
     mask = _to_4d(mask, 'mask')
     if mask.dtype != jnp.bool_:

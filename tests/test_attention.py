@@ -238,6 +238,17 @@ def _bad(**overrides):
   return args
 
 
+@pytest.mark.parametrize('implementation', ['reference', 'xla', 'chunked'])
+def test_window_wider_than_int32_range_is_the_same_as_no_window(implementation):
+  # q_pos + right would wrap around in int32 without check_inputs clipping the window to the sequences.
+  (q, k, v), _, _ = _case('everything')
+  no_window = dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  huge = (2**31 - 2, 2**31 - 2)
+  out = dot_product_attention(q, k, v, is_causal=True, local_window_size=huge, implementation=implementation)
+  assert_close(out, no_window)
+  assert_close(out, ref_np.attention(q, k, v, ref_np.mask(2, q.shape[1], k.shape[1], causal=True)))
+
+
 @pytest.mark.parametrize(
   'overrides,match',
   [
@@ -252,6 +263,10 @@ def _bad(**overrides):
     (dict(local_window_size=(-1, 2)), 'local_window_size'),
     (dict(mask=jnp.ones((5, 5), jnp.int32)), 'mask'),
     (dict(bias=jnp.zeros((1, 1, 1, 5, 5))), 'bias'),
+    (dict(bias=jnp.tril(jnp.ones((5, 5), bool))), 'bias must be a float'),  # a mask passed as bias
+    (dict(scale=float('nan')), 'scale must be finite'),
+    (dict(query=jnp.zeros((2, 0, 4, 8)), is_causal=False), 'lengths must be positive'),
+    (dict(key=jnp.zeros((2, 0, 2, 8)), value=jnp.zeros((2, 0, 2, 8))), 'lengths must be positive'),
     (dict(implementation='cudnn'), 'implementation'),
   ],
 )
