@@ -53,12 +53,15 @@ def _kernel_available(implementation: str) -> bool:
   return importlib.util.find_spec(_KERNEL_MODULES[implementation]) is not None
 
 
-def _to_4d(x, name):
+def _to_4d(x, name, target):
   """bias/mask may have fewer than 4 dims (e.g. [q_len, kv_len]); prepend ones like jax.nn does."""
   x = jnp.asarray(x)
-  if x.ndim > 4:
-    raise ValueError(f'{name} must be broadcastable to [batch, heads, q_len, kv_len], got shape {x.shape}.')
-  return x.reshape((1,) * (4 - x.ndim) + x.shape)
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape) if x.ndim <= 4 else x
+  if x.ndim != 4 or any(d not in (1, t) for d, t in zip(x.shape, target)):
+    raise ValueError(
+      f'{name} must be broadcastable to [batch, heads, q_len, kv_len] = {target}, got shape {x.shape}.'
+    )
+  return x
 
 
 def _auto_implementation(query, key, has_dense: bool) -> str:
@@ -173,10 +176,11 @@ def dot_product_attention(
     local_window_size=local_window_size,
     segment_ids=segment_ids,
   )
+  target = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])  # [B, N, T, S]
   if bias is not None:
-    bias = reference.check_bias(_to_4d(bias, 'bias'))
+    bias = reference.check_bias(_to_4d(bias, 'bias', target))
   if mask is not None:
-    mask = _to_4d(mask, 'mask')
+    mask = _to_4d(mask, 'mask', target)
     if mask.dtype != jnp.bool_:
       raise ValueError(
         f'mask must be boolean (True = attend), got dtype {mask.dtype}; '
@@ -260,6 +264,8 @@ def apply_rotary(x, positions, base: float = 10000.0):
   batch, seq, _, head_dim = x.shape
   if head_dim % 2:
     raise ValueError(f'rotary embeddings need an even head_dim, got {head_dim}.')
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'x must be a float array (queries or keys), got {x.dtype}.')
   positions = positions if isinstance(positions, np.ndarray) else jnp.asarray(positions)
   if positions.shape not in ((seq,), (batch, seq)):
     raise ValueError(
@@ -528,14 +534,11 @@ class MultiHeadAttention(nnx.Module):
     values = jax.lax.dynamic_update_slice(
       cache.value, v.astype(cache.value.dtype), (zero, length, zero, zero)
     )
-    # The mask by absolute position, [1, 1, T, max_len]: only written keys, causal/window w.r.t. q_pos.
+    # The mask by absolute position, [1, 1, T, max_len]: only written keys, and the shared causal/window
+    # predicate evaluated at the queries' absolute positions.
     kv_pos = jnp.arange(max_len, dtype=jnp.int32)[None, :]
-    keep = kv_pos < length + seq
-    if is_causal:
-      keep = keep & (kv_pos <= q_pos[:, None])
-    if local_window_size is not None:
-      left, right = reference.normalize_window(local_window_size)
-      keep = keep & (kv_pos >= q_pos[:, None] - left) & (kv_pos <= q_pos[:, None] + right)
+    spec = reference.MaskSpec(is_causal=is_causal, local_window=reference.normalize_window(local_window_size))
+    keep = (kv_pos < length + seq) & reference.visible(spec, 0, q_pos[:, None], kv_pos)
     keep = jnp.broadcast_to(keep, (seq, max_len))[None, None]
     # A dense mask rules out the fused kernels; for a decode step (seq = 1) the xla path is the right
     # tool anyway (one query row against the cache).
@@ -543,4 +546,6 @@ class MultiHeadAttention(nnx.Module):
     out = dot_product_attention(
       q, keys.astype(q.dtype), values.astype(q.dtype), mask=keep, implementation=implementation
     )  # [B, T, H, D]
+    if concrete_length is None:  # under jit an overflow cannot raise; NaN instead of overwritten keys
+      out = jnp.where(length + seq <= max_len, out, jnp.nan)
     return out, KVCache(keys, values, length + seq)

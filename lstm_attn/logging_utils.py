@@ -17,6 +17,7 @@ import sys
 import time
 
 METRICS_FILE = 'metrics.jsonl'
+SUPERSEDED_FILE = 'metrics.superseded.jsonl'  # records a resume or a fresh start replaced
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -49,10 +50,17 @@ class MetricWriter:
       self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'), flush_secs=30)
 
   def truncate_after(self, step: int) -> None:
-    """Keeps only records with step <= `step` (called after restoring the checkpoint at `step`)."""
+    """Keeps only records with step <= `step` (called after restoring the checkpoint at `step`, or with 0
+    on a fresh start). The records it drops are appended to `metrics.superseded.jsonl`, never lost."""
     if not os.path.exists(self.path):
       return
-    kept = [r for r in read_metrics(os.path.dirname(self.path)) if r.get('step', 0) <= step]
+    records = read_metrics(os.path.dirname(self.path))
+    kept = [r for r in records if r.get('step', 0) <= step]
+    if len(kept) < len(records):
+      with open(os.path.join(os.path.dirname(self.path), SUPERSEDED_FILE), 'a', encoding='utf-8') as f:
+        for r in records:
+          if r.get('step', 0) > step:
+            f.write(json.dumps(r) + '\n')
     tmp = self.path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       for r in kept:

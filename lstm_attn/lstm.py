@@ -25,7 +25,6 @@ glibc serves by a fresh mmap on every call once it is over 32 MiB, so every temp
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -227,15 +226,18 @@ def _project(x, w_ih, cdt, sdt):
   return _dot(_rows(x), w_ih.astype(cdt), cdt, sdt).reshape(*x.shape[:2], w_ih.shape[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _layer(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+def _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
   """One layer and direction: x [T, B, F] (compute dtype) -> (hs [T, B, R], hT [B, R], cT [B, H]).
 
-  With a hand-written backward pass (see the module docstring).
+  Differentiated by plain autodiff of the scan; `_layer` is the same function with the hand-written
+  backward pass (see the module docstring).
   """
   xw = _project(x, w_ih, cdt, h0.dtype)
   hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
   return hs, hT, cT
+
+
+_layer = jax.custom_vjp(_layer_autodiff, nondiff_argnums=(8, 9, 10))
 
 
 def _layer_fwd(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
@@ -308,12 +310,6 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
-
-
-def _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
-  xw = _project(x, w_ih, cdt, h0.dtype)
-  hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
-  return hs, hT, cT
 
 
 # ---------------------------------------------------------------------------------------------------------

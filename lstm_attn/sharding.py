@@ -191,7 +191,9 @@ def put_like(tree, like):
       return x
     if jax.process_count() == 1 or jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.device_put(x, target)
-    host = np.asarray(host_copy(x))
+    # A leaf that is not spread over processes (e.g. restored on this process's one device) is already
+    # whole here; gathering it across processes would stack the P copies into a P-times-longer array.
+    host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else host_copy(x)
     return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
   return jax.tree.map(one, tree, like)

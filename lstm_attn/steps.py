@@ -227,6 +227,25 @@ def _cpu_accepts(choice: str) -> bool:
     return False
 
 
+def grad_accum_steps(config) -> int:
+  """`config.grad_accum_steps`, checked: >= 1 and a divisor of the batch size."""
+  accum = int(config.get('grad_accum_steps', 1) or 1)
+  if accum < 1 or config.batch_size % accum:
+    raise ValueError(
+      f'config.grad_accum_steps={accum} must be >= 1 and divide config.batch_size={config.batch_size}.'
+    )
+  return accum
+
+
+def check_config(config) -> None:
+  """Every check `build_steps` makes of the config, without building anything (a trainer runs it before
+  it writes to its workdir)."""
+  objective_of(config)
+  grad_accum_steps(config)
+  cpu_ynn_fusion(config)
+  optim.make_optimizer(config)
+
+
 def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int, mesh=None):
   """Abstract model -> graphdefs; returns (steps, init_fn, jitted train_step, jitted eval_step, abstract).
 
@@ -239,11 +258,7 @@ def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int
   train_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
   abstract_model.eval()
   eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
-  accum = int(config.get('grad_accum_steps', 1) or 1)
-  if accum < 1 or config.batch_size % accum:
-    raise ValueError(
-      f'config.grad_accum_steps={accum} must be >= 1 and divide config.batch_size={config.batch_size}.'
-    )
+  accum = grad_accum_steps(config)
   steps = Steps(train_graphdef, eval_graphdef, tx, objective_of(config), accum)
 
   def init_fn():

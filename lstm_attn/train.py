@@ -18,7 +18,6 @@ an uninterrupted run's (tests/test_train.py, tests/test_faults.py).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
@@ -32,8 +31,8 @@ from lstm_attn.steps import (  # noqa: F401  (re-exported: the trainer's public 
   LM_MODELS,
   Steps,
   build_steps,
+  check_config,
   classification_loss,
-  cpu_ynn_fusion,
   cross_entropy_sums,
   evaluate,
   merged_model,
@@ -77,7 +76,7 @@ def _validate(config, workdir) -> None:
       raise ValueError(f'config.{field}={v!r} must be a positive integer.')
   if not isinstance(config.get('eval_batches', 0), int) or config.get('eval_batches', 0) < 0:
     raise ValueError(f'config.eval_batches={config.eval_batches!r} must be an int >= 0 (0: whole split).')
-  cpu_ynn_fusion(config)  # before anything is written to the workdir
+  check_config(config)  # the step builder's checks, before anything is written to the workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -148,7 +147,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = lu.Progress(num_steps, start_step, inputs.tokens_per_step)
     pending = []  # (step, device metrics) since the last log
     last_eval = {}
-    best_val = math.inf
     step = start_step
     while step < num_steps:
       batch = place.train_batch(inputs.train.next())
@@ -158,13 +156,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       is_last = step == num_steps
       do_log = step % config.log_every == 0 or is_last
       do_eval = step % config.eval_every == 0 or is_last
-      do_ckpt = step % config.checkpoint_every == 0 or is_last or do_eval
+      # Also at every eval when the best-N policy ranks checkpoints by eval loss.
+      do_ckpt = step % config.checkpoint_every == 0 or is_last or (do_eval and config.keep_best > 0)
       if do_log or do_ckpt:
         _flush_train_metrics(pending, step, progress, writer, ckpt, do_log)
         pending = []
       if do_eval:
         last_eval = _run_eval(config, inputs, place, steps, eval_step, state, step, writer, is_last)
-        best_val = min(best_val, last_eval['val']['loss'])
       if do_ckpt:
         meta = {
           'step': step,
@@ -268,7 +266,7 @@ def _flush_train_metrics(pending, step, progress, writer, ckpt, do_log) -> None:
 def _run_eval(config, inputs, place, steps, eval_step, state, step, writer, is_last) -> dict:
   out = {}
   for split in inputs.eval_splits:
-    if split == 'test' and not (is_last or config.get('eval_test_every_time', False)):
+    if split == 'test' and not is_last:
       continue
     m = evaluate(
       eval_step,

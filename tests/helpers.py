@@ -14,8 +14,9 @@ TOLERANCE = {
 
 def rel_l2_error(actual, expected) -> float:
   """||actual - expected|| / ||expected|| in float64; NaN or inf anywhere in `actual` gives inf."""
-  actual = np.asarray(jnp.asarray(actual, dtype=jnp.float32), dtype=np.float64)
-  expected = np.asarray(jnp.asarray(expected, dtype=jnp.float32), dtype=np.float64)
+  # Straight to float64 (bf16/fp16 widen exactly): a float32 round trip would hide float64-level errors.
+  actual = np.asarray(actual).astype(np.float64)
+  expected = np.asarray(expected).astype(np.float64)
   if actual.shape != expected.shape:
     raise AssertionError(f'shape mismatch: {actual.shape} vs {expected.shape}')
   if not np.all(np.isfinite(actual)):

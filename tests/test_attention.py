@@ -264,6 +264,8 @@ def test_window_wider_than_int32_range_is_the_same_as_no_window(implementation):
     (dict(mask=jnp.ones((5, 5), jnp.int32)), 'mask'),
     (dict(bias=jnp.zeros((1, 1, 1, 5, 5))), 'bias'),
     (dict(bias=jnp.tril(jnp.ones((5, 5), bool))), 'bias must be a float'),  # a mask passed as bias
+    (dict(bias=jnp.zeros((5, 7))), 'bias must be broadcastable'),
+    (dict(mask=jnp.ones((3, 5, 5), bool)), 'mask must be broadcastable'),
     (dict(scale=float('nan')), 'scale must be finite'),
     (dict(query=jnp.zeros((2, 0, 4, 8)), is_causal=False), 'lengths must be positive'),
     (dict(key=jnp.zeros((2, 0, 2, 8)), value=jnp.zeros((2, 0, 2, 8))), 'lengths must be positive'),
@@ -299,8 +301,7 @@ def test_rotary_matches_complex_rotation():
 def test_rotary_gradients_match_float64_autodiff(batched_positions):
   # apply_rotary's VJP is hand-written (the inverse rotation); check it, and the gradient with respect to
   # float positions, against plain autodiff of the complex-number form in float64, random cotangent.
-  jax.config.update('jax_enable_x64', True)
-  try:
+  with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 3, 8)))  # [B, T, H, D] float64
     positions = jnp.asarray(np.random.default_rng(4).uniform(0, 50, (2, 5) if batched_positions else (5,)))
     cotangent = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape))
@@ -316,8 +317,10 @@ def test_rotary_gradients_match_float64_autodiff(batched_positions):
     assert_close(out, out_ref, tol=1e-12)
     for got, want, what in zip(vjp(cotangent), vjp_ref(cotangent), ('dx', 'dpositions')):
       assert_close(got, want, tol=1e-12, what=what)
-  finally:
-    jax.config.update('jax_enable_x64', False)
+    # The NumPy-positions path (constant tables; the GPT default) under jit: same dx.
+    np_positions = np.asarray(positions)
+    dx = jax.jit(lambda x, g: jax.vjp(lambda x: apply_rotary(x, np_positions), x)[1](g)[0])(x, cotangent)
+    assert_close(dx, vjp_ref(cotangent)[0], tol=1e-12, what='dx, NumPy positions')
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -401,6 +404,12 @@ def test_kv_cache_bad_inputs():
   _, cache = mha(x, cache=cache)
   with pytest.raises(ValueError, match='overflow'):
     mha(x, cache=cache)
+  # Under jit the length is traced and cannot raise: the overflowing call gives NaN, not stale keys.
+  jitted = nnx.jit(lambda m, x, c: m(x, cache=c))
+  out, _ = jitted(mha, x[:, :2], cache)
+  assert np.all(np.isfinite(np.asarray(out)))  # 9 + 2 = 11 fits
+  out, _ = jitted(mha, x[:, :3], cache)
+  assert np.all(np.isnan(np.asarray(out)))  # 9 + 3 > 11
   with pytest.raises(ValueError, match='segment_ids'):
     mha(x, cache=cache, segment_ids=jnp.zeros((2, 9), jnp.int32))
   with pytest.raises(ValueError, match='cache'):

@@ -15,6 +15,7 @@ from helpers import assert_close
 from jax.flatten_util import ravel_pytree
 from train_tiny import compilation_cache, final_params, tiny_config, train_losses
 
+from lstm_attn import logging_utils as lu
 from lstm_attn import steps as steps_lib
 from lstm_attn import train, train_inputs
 from lstm_attn.models import build_model
@@ -67,7 +68,9 @@ def test_mlm_nsp_and_classification_losses():
   rw = jnp.array([1, 1, 1, 0, 0], jnp.float32)  # padding rows of the last eval batch
   mean, sums = train.classification_loss(logits, labels, rw)
   ref = _ce_reference(logits, labels, rw)
-  assert_close(mean, ref[0] / ref[1], what='classification') and float(sums['count']) == 3
+  assert_close(mean, ref[0] / ref[1], what='classification')
+  assert float(sums['count']) == 3 and float(sums['correct']) == ref[2]
+  assert float(sums['loss']) == pytest.approx(ref[0], rel=1e-5)
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -200,6 +203,12 @@ def _ynn_reduce_fusions(compiled_hlo: str) -> int:
 def test_cpu_ynn_fusion_dots_changes_compilation_not_results():
   c = tiny_config('gpt')
   c.model.dropout = 0.0
+  c.cpu_ynn_fusion = 'dots'
+  if not steps_lib.compiler_options(c):  # not CPU, or an XLA that rejects the (experimental) option
+    pytest.skip('the dots-only compile option is not in effect here: nothing to compare')
+  assert steps_lib.compiler_options(c) == {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+  }
   batch = {
     'inputs': jax.random.randint(jax.random.key(4), (4, 16), 0, 261),
     'targets': jax.random.randint(jax.random.key(5), (4, 16), 0, 261),
@@ -213,11 +222,7 @@ def test_cpu_ynn_fusion_dots_changes_compilation_not_results():
     for _ in range(2):
       state, m = step(state, batch)
     losses[choice], params[choice] = m['loss'], state['params']
-  if steps_lib.compiler_options(c):  # CPU, and an XLA that knows the (experimental) option
-    assert steps_lib.compiler_options(c) == {
-      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
-    }
-    assert reduce_fusions['default'] > 0 and reduce_fusions['dots'] == 0, reduce_fusions
+  assert reduce_fusions['default'] > 0 and reduce_fusions['dots'] == 0, reduce_fusions
   assert_close(losses['dots'], losses['default'], tol=1e-6, what='loss')
   assert_close(ravel_pytree(params['dots'])[0], ravel_pytree(params['default'])[0], what='params')
 
@@ -240,6 +245,16 @@ def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path, monkeypatch):
   assert np.isfinite(float(step(init(), batch)[1]['loss']))
 
 
+def test_metric_writer_truncation_keeps_the_dropped_records(tmp_path):
+  writer = lu.MetricWriter(str(tmp_path), tensorboard=False)
+  for step in (1, 2, 3):
+    writer.write(step, 'train', {'loss': float(step)})
+  writer.truncate_after(1)  # resumed from the checkpoint at step 1
+  assert [r['step'] for r in lu.read_metrics(str(tmp_path))] == [1]
+  with open(tmp_path / lu.SUPERSEDED_FILE, encoding='utf-8') as f:
+    assert [json.loads(line)['step'] for line in f] == [2, 3]
+
+
 def test_bad_config_values_are_named(tmp_path):
   c = tiny_config('gpt')
   c.batch_size = 0
@@ -248,6 +263,9 @@ def test_bad_config_values_are_named(tmp_path):
   c = tiny_config('gpt', grad_accum_steps=3)
   with pytest.raises(ValueError, match='grad_accum_steps=3'):
     train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  with pytest.raises(ValueError, match='grad_accum_steps=3'):
+    train.train_and_evaluate(c, str(tmp_path / 'accum'))
+  assert not (tmp_path / 'accum').exists()  # refused before anything was written
   c = tiny_config('gpt')
   c.data.path = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError, match='missing.txt'):
