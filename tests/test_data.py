@@ -332,6 +332,12 @@ def test_mlm_batcher():
   check_resume(make)
   with pytest.raises(ValueError, match='tokenizer'):
     MLMBatcher(tokens, 6, 33, seed=2, tokenizer=object())
+  with pytest.raises(ValueError, match=r'tokens: ids must be in \[0, 105\)'):  # ids past the vocabulary
+    MLMBatcher(tokens, 6, 33, seed=2, tokenizer=FakeTokenizer(100))
+  with pytest.raises(ValueError, match='mask_rate'):  # at construction, not at the first batch
+    MLMBatcher(tokens, 6, 33, seed=2, tokenizer=tok, mask_rate=1.5)
+  with pytest.raises(ValueError, match='documents: ids must be in'):
+    BertBatcher([np.arange(500)], 4, 32, seed=0, tokenizer=FakeTokenizer(100))
 
 
 def test_bert_single_short_document_errors():

@@ -410,6 +410,16 @@ def test_bad_config_structure():
     build_model(_config('gpt'), vocab_size=0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='tokens'):
     make('gpt_learned')(jnp.zeros((2, 3, 1), jnp.int32))
+  with pytest.raises(ValueError, match='d_model must be a positive integer, got 16.0'):
+    GPT(V, d_model=16.0, num_layers=2, num_heads=2, max_len=16, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name', sorted(CAUSAL))
+def test_out_of_range_ids_raise_instead_of_nan_embeddings(name):
+  with pytest.raises(ValueError, match=rf'tokens must be ids in \[0, {V}\)'):
+    make(name)(jnp.full((2, 3), V, jnp.int32))
+  with pytest.raises(ValueError, match='tokens must be ids'):
+    make(name)(jnp.full((2, 3), -1, jnp.int32))
 
 
 def test_gpt_init_is_nanogpt_like():

@@ -134,6 +134,10 @@ def test_load_errors_name_the_path(tmp_path):
   garbage.write_bytes(b'\x00\x01not a model')
   with pytest.raises(ValueError, match='garbage.model'):
     load_tokenizer(garbage)
+  truncated = tmp_path / 'truncated.json'
+  truncated.write_text('{"type": "char", "chars": ["a"', encoding='utf-8')
+  with pytest.raises(ValueError, match='truncated.json'):
+    load_tokenizer(truncated)
 
 
 @pytest.mark.parametrize('model_type', ['bpe', 'unigram'])

@@ -39,6 +39,21 @@ def _check_positive(name, value, minimum=1):
   return int(value)
 
 
+def _check_rate(name, value):
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f'{name}: expected a probability in [0, 1], got {value}')
+  return float(value)
+
+
+def _check_ids(name, tokens, vocab_size):
+  """Token ids outside [0, vocab_size) would become NaN embeddings in the model, with no error."""
+  if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise ValueError(
+      f"{name}: ids must be in [0, {vocab_size}) (the tokenizer's vocabulary), "
+      f'got {tokens.min()}..{tokens.max()}'
+    )
+
+
 class _Batcher:
   """Step counter, counter-based RNG and state()/restore() shared by every batcher."""
 
@@ -214,8 +229,7 @@ def mlm_mask(
   tokens = np.asarray(tokens)
   if not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f'tokens: expected integer token ids, got dtype {tokens.dtype}')
-  if not 0.0 <= mask_rate <= 1.0:
-    raise ValueError(f'mask_rate: expected a probability in [0, 1], got {mask_rate}')
+  _check_rate('mask_rate', mask_rate)
   special = np.asarray(sorted(set(int(i) for i in special_ids)), np.int64)
   allowed = np.setdiff1d(np.arange(vocab_size), special)  # ids a random replacement may take
   if not len(allowed):
@@ -269,7 +283,8 @@ class MLMBatcher(_Batcher):
     self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.vocab_size, self.special_ids = _specials(
       tokenizer
     )
-    self.mask_rate = float(mask_rate)
+    self.mask_rate = _check_rate('mask_rate', mask_rate)
+    _check_ids('tokens', self.tokens, self.vocab_size)
     if len(self.tokens) < seq_len - 2:
       raise ValueError(
         f'tokens: {len(self.tokens)} tokens are too few for seq_len={seq_len} (need seq_len - 2)'
@@ -329,8 +344,10 @@ class BertBatcher(_Batcher):
     self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.vocab_size, self.special_ids = _specials(
       tokenizer
     )
-    self.mask_rate = float(mask_rate)
+    self.mask_rate = _check_rate('mask_rate', mask_rate)
     docs = [tokenizer.encode(d) if isinstance(d, str) else _as_tokens(d, 'documents[i]') for d in documents]
+    for d in docs:
+      _check_ids('documents', d, self.vocab_size)
     self.documents = [d for d in docs if len(d) >= 2]
     if not self.documents:
       raise ValueError('documents: no document has at least 2 tokens')

@@ -84,7 +84,8 @@ def _write_json(path, payload: dict) -> None:
   os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
 
 
-def _read_json(path, expected_type: str) -> dict:
+def _read_json(path, expected_type: str | None = None) -> dict:
+  """The JSON payload of a tokenizer file (of `expected_type`, if given); errors name the file."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'tokenizer file {path!r} does not exist')
@@ -93,7 +94,7 @@ def _read_json(path, expected_type: str) -> dict:
       payload = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f'tokenizer file {path!r} is not a JSON tokenizer file: {e}') from e
-  if not isinstance(payload, dict) or payload.get('type') != expected_type:
+  if not isinstance(payload, dict) or (expected_type is not None and payload.get('type') != expected_type):
     got = payload.get('type') if isinstance(payload, dict) else type(payload).__name__
     raise ValueError(f'tokenizer file {path!r} holds type {got!r}, expected {expected_type!r}')
   return payload
@@ -422,8 +423,7 @@ def load_tokenizer(path):
   with open(path, 'rb') as f:
     head = f.read(1)
   if head == b'{':
-    with open(path, encoding='utf-8') as f:
-      kind = json.load(f).get('type')
+    kind = _read_json(path).get('type')
     if kind == 'byte':
       return ByteTokenizer.load(path)
     if kind == 'char':

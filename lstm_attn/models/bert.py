@@ -95,7 +95,7 @@ class BERTTrunk(nnx.Module):
 
   def __call__(self, tokens, token_type_ids=None, *, seq_lengths=None):
     """tokens, token_type_ids [B, T] int (types default to 0) -> hidden [B, T, d_model]."""
-    check_tokens(tokens)
+    check_tokens(tokens, vocab_size=self.word_embeddings.num_embeddings)
     batch, seq = tokens.shape
     if seq > self.max_len:
       raise ValueError(f'tokens has {seq} positions but the position table has max_len={self.max_len}.')
@@ -105,6 +105,8 @@ class BERTTrunk(nnx.Module):
       raise ValueError(
         f'token_type_ids must have the shape of tokens {(batch, seq)}, got {jnp.shape(token_type_ids)}.'
       )
+    else:
+      check_tokens(token_type_ids, 'token_type_ids', vocab_size=self.type_vocab_size)
     x = (
       self.word_embeddings(tokens)
       + self.position_embeddings(jnp.arange(seq))[None]

@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -120,16 +121,27 @@ def residual_std(num_layers: int, std: float = 0.02) -> float:
 def check_sizes(**sizes) -> None:
   """Raises ValueError naming the first size argument that is not a positive integer."""
   for name, v in sizes.items():
-    if int(v) < 1:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f'{name} must be a positive integer, got {v!r}.')
 
 
-def check_tokens(tokens, name='tokens'):
-  """tokens must be a rank-2 integer array [batch, seq]."""
+def check_tokens(tokens, name='tokens', *, vocab_size: int | None = None):
+  """tokens must be a rank-2 integer array [batch, seq], with ids in [0, vocab_size) when they are concrete.
+
+  The range is checked only outside jit (a traced array has no values): an id past the table would
+  otherwise read NaN embeddings with no error.
+  """
   if jnp.ndim(tokens) != 2:
     raise ValueError(f'{name} must have shape [batch, seq], got shape {jnp.shape(tokens)}.')
-  if not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
-    raise ValueError(f'{name} must be integers, got {jnp.asarray(tokens).dtype}.')
+  dtype = jnp.result_type(tokens)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f'{name} must be integers, got {dtype}.')
+  if vocab_size is None or isinstance(tokens, jax.core.Tracer) or not jnp.size(tokens):
+    return
+  ids = np.asarray(tokens)  # NumPy: no tracing even when the call is inside jit with constant tokens
+  lo, hi = int(ids.min()), int(ids.max())
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f'{name} must be ids in [0, {vocab_size}), got values from {lo} to {hi}.')
 
 
 def count_params(module: nnx.Module) -> int:

@@ -132,7 +132,7 @@ class GPTTrunk(nnx.Module):
     (attention stays inside a segment; positions restart at each segment). positions [B, T] or [T]
     overrides the defaults (arange; the cache length + arange with a cache).
     """
-    check_tokens(tokens)
+    check_tokens(tokens, vocab_size=self.wte.num_embeddings)
     batch, seq = tokens.shape
     if cache is not None:
       if seq_lengths is not None or segment_ids is not None:

@@ -169,7 +169,7 @@ class HybridTrunk(nnx.Module):
   def __call__(self, tokens, *, seq_lengths=None, cache: HybridCache | None = None):
     """tokens [B, T] -> (hidden [B, T, d] after the final LayerNorm, final LSTMCarry stacked over blocks,
     new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths unsupported)."""
-    check_tokens(tokens)
+    check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     if cache is not None and seq_lengths is not None:
       raise ValueError('seq_lengths is not supported together with a decoding cache; pass one or the other.')
     table = self.embed_dropout(self.embed.embedding[...])  # [V, d]

@@ -92,7 +92,7 @@ class LSTMTrunk(nnx.Module):
     With seq_lengths [B], the final carry of row b is the state after its last valid token and outputs at
     padded steps are whatever the LSTM module gives there (zeros); carry=None starts from zeros.
     """
-    check_tokens(tokens)
+    check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     table = self.embed_dropout(self.embed.embedding[...])  # [V, E]; whole word types dropped
     x = jnp.take(table, tokens, axis=0)  # [B, T, E]
     if self.dtype is not None:
