@@ -1,10 +1,13 @@
-r"""Cached generation vs re-running the prefix for every new token (what generation without a cache costs).
+r"""Cached generation vs re-running the forward for every new token (what generation without a cache costs).
 
     python experiments/bench_generate.py --new_tokens=64,256 --output_json=/tmp/bench_generate.json
 
 Correctness first: greedy `lstm_attn.generate.generate` (prefill once, then one cached step per token)
-must produce the same tokens as greedy decoding by re-running the full forward on the growing prefix.
-Then medians of `--repeats` timed runs per (model, length), batch 1, baby-GPT-sized models (vocab 65).
+must produce the same tokens as greedy decoding that re-runs the whole forward for every new token, on a
+fixed-shape buffer of prompt + all new tokens (one compiled shape; causal, so the logits at the current
+position are those of the prefix alone; it costs up to ~2x a forward over the growing prefix). Then
+medians of `--repeats` timed runs of both greedy paths per (model, length), batch 1, baby-GPT-sized
+models (vocab 65).
 """
 
 import functools
@@ -61,7 +64,7 @@ def main(argv):
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, 65, (1, _PROMPT.value)), jnp.int32)
   rows = []
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, batch 1, prompt {_PROMPT.value}')
-  print('| model | new tokens | generate() ms/token | re-run prefix ms/token | speed-up |')
+  print('| model | new tokens | generate() ms/token | re-run forward ms/token | speed-up |')
   print('|---|---|---|---|---|')
   for name, model in (('gpt 4x128', gpt), ('lstm 2x256', lstm)):
     model.eval()
@@ -72,7 +75,10 @@ def main(argv):
       if not np.array_equal(cached, rerun):
         raise SystemExit(f'{name}: cached greedy tokens differ from re-running the prefix ({n} tokens).')
       t_cached = _median_time(
-        lambda m=model, n=n: generate(m, prompt, n, rng=jax.random.key(1)).block_until_ready(), _REPEATS.value
+        lambda m=model, n=n: generate(
+          m, prompt, n, rng=jax.random.key(1), temperature=0.0
+        ).block_until_ready(),
+        _REPEATS.value,
       )
       t_rerun = _median_time(lambda m=model, n=n: _rerun_prefix(m, prompt, n), _REPEATS.value)
       row = {

@@ -3,9 +3,9 @@ r"""Loss curves from one or several workdirs (their metrics.jsonl) to one PNG.
     python experiments/plot.py --workdirs=/tmp/lstm_attn/gpt_char,/tmp/lstm_attn/lstm_char \
       --out=/tmp/lstm_attn/curves.png
 
-Train loss (thin) and val loss (markers) against training tokens seen when the runs logged
-`tokens_per_s`/`step_time_s` (else against steps; `--x=step` forces steps), one colour per run, labelled by
-the workdir's name. A second panel shows val bits per character (or per byte) when recorded.
+Train loss (thin) and val loss (markers) against steps (`--x=tokens`: against training tokens seen, for
+runs that logged `tokens_per_s`/`step_time_s`), one colour per run, labelled by the workdir's name. A
+second panel shows val bits per character (or per byte) when recorded.
 """
 
 import os
@@ -13,9 +13,10 @@ import os
 from absl import app, flags
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Comma-separated workdirs of training runs.')
-_OUT = flags.DEFINE_string('out', 'loss_curves.png', 'Output PNG path.')
+_OUT = flags.DEFINE_string('out', None, 'Output PNG path (required: nothing is written to a default path).')
 _X = flags.DEFINE_enum('x', 'step', ['step', 'tokens'], 'Horizontal axis.')
 flags.mark_flag_as_required('workdirs')
+flags.mark_flag_as_required('out')
 
 
 def main(argv):

@@ -12,8 +12,8 @@ r"""PyTorch eager GPT of the same shape as gpt_char, for the quality and speed c
    loops on 2 threads: prefix `taskset -c 0` for a true single core). `--frameworks=torch|jax` times one
    framework only, to compare them in separate processes (run the script once per framework).
 3. Quality (`--train_steps`, default 2000): trains the torch model with the same recipe (AdamW with
-   decay on matrices only, warmup + cosine, clipping 1.0, same batches) and evaluates the whole val split
-   as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
+   lstm_attn.optim's decay mask, warmup + cosine, clipping 1.0, same batches) and evaluates the whole
+   val split as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
 
 The architecture is lstm_attn's GPT as the config sets it: rotary (gpt_char) or learned positions
 (`--positions=learned`, nanoGPT's), pre-LN blocks (biases as `config.model.use_bias`;
@@ -21,19 +21,24 @@ gpt_char has none, as nanoGPT's bias=False), LayerNorm eps 1e-5, exact GELU, tie
 `F.scaled_dot_product_attention(is_causal=True)` (as nanoGPT's flash path).
 """
 
+import atexit
 import json
 import math
 import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
 _DATA = flags.DEFINE_string('data_path', '../shared/data/tinyshakespeare.txt', 'Text file (nanoGPT split).')
-_THREADS = flags.DEFINE_integer('threads', 0, 'torch.set_num_threads (0: os.cpu_count()).')
-_ROUNDS = flags.DEFINE_integer('rounds', 7, 'Timing rounds (each: block torch steps, block JAX steps).')
-_BLOCK = flags.DEFINE_integer('block', 20, 'Steps per framework per round.')
+_THREADS = flags.DEFINE_integer('threads', 0, 'torch.set_num_threads (0: the usable cores).')
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 7, 'Timing rounds (each: block torch steps, block JAX steps).', lower_bound=1
+)
+_BLOCK = flags.DEFINE_integer('block', 20, 'Steps per framework per round.', lower_bound=1)
 _TRAIN = flags.DEFINE_integer('train_steps', 2000, 'Torch training steps for the quality number (0: skip).')
 _OUT = flags.DEFINE_string('out', '', 'Write the results as JSON here.')
 _POSITIONS = flags.DEFINE_enum(
@@ -182,10 +187,10 @@ def main(argv):
   del argv
   cores = len(os.sched_getaffinity(0))  # `taskset -c 0 python ...` pins both frameworks to one core
   threads = _THREADS.value or cores
-  if threads == 1:  # XLA's CPU backend on one thread too (before jax initialises its backend)
-    os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
-    )
+  if not os.path.isfile(_DATA.value):
+    raise app.UsageError(f'--data_path={_DATA.value!r} is not a file (tiny Shakespeare, or any text file).')
+  if threads == 1:  # Eigen's XLA:CPU pool on one thread (some XLA loops still use 2: see the docstring)
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
   elif threads != cores:
     raise ValueError(
       f'--threads={threads}: use 1 or the number of usable cores ({cores}); XLA uses them all.'
@@ -201,8 +206,9 @@ def main(argv):
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   c = _config(_DATA.value)
-  workdir = '/tmp/lstm_attn_torch_baseline'
-  os.makedirs(workdir, exist_ok=True)
+  # A fresh folder per run for the tokenizer: a shared one would reuse another text's vocabulary.
+  workdir = tempfile.mkdtemp(prefix='lstm_attn_torch_baseline_')
+  atexit.register(shutil.rmtree, workdir, ignore_errors=True)
   inputs = train_inputs.make_inputs(c, workdir)
   vocab = inputs.vocab_size
   steps, init, jax_step, _, _ = train.build_steps(
@@ -242,11 +248,13 @@ def main(argv):
 
   batches = [inputs.train.batch(i) for i in range(_BLOCK.value)]
   jbatches = [jax.device_put(b) for b in batches]
-  for i in range(3):  # warm-up (compile, allocator)
-    torch_step(batches[i], i)
-    state, m = jax_step(state, jbatches[i])
-  jax.block_until_ready(state)
   run_torch, run_jax = _FRAMEWORKS.value in ('both', 'torch'), _FRAMEWORKS.value in ('both', 'jax')
+  for i in range(min(3, len(batches))):  # warm-up (compile, allocator) of the frameworks being timed
+    if run_torch:
+      torch_step(batches[i], i)
+    if run_jax:
+      state, m = jax_step(state, jbatches[i])
+  jax.block_until_ready(state)
   t_torch, t_jax, ratios = [], [], []
   for r in range(_ROUNDS.value):
     t0 = time.perf_counter()

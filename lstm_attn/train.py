@@ -77,6 +77,10 @@ def _validate(config, workdir) -> None:
   if not isinstance(config.get('eval_batches', 0), int) or config.get('eval_batches', 0) < 0:
     raise ValueError(f'config.eval_batches={config.eval_batches!r} must be an int >= 0 (0: whole split).')
   check_config(config)  # the step builder's checks, before anything is written to the workdir
+  if not config.get('num_classes', None):  # (the classification task brings its own data)
+    from lstm_attn import train_inputs
+
+    train_inputs.data_path(config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -85,7 +85,8 @@ def _tokenizer(config, corpus, workdir):
   return tok, path
 
 
-def _load_corpus(config):
+def data_path(config) -> str | None:
+  """`config.data.path`, checked (required by the config? present on disk?); None: the embedded corpus."""
   d = config.data
   path = d.get('path', None) or None
   if d.get('required', False) and path is None:
@@ -99,7 +100,11 @@ def _load_corpus(config):
       raise FileNotFoundError(
         f'config.data.path={path!r} does not exist (give a text file or a folder of them).'
       )
-  return corpora.load_corpus(path, max_bytes=d.get('max_bytes', None))
+  return path
+
+
+def _load_corpus(config):
+  return corpora.load_corpus(data_path(config), max_bytes=config.data.get('max_bytes', None))
 
 
 def _limit(it, n):

@@ -17,6 +17,8 @@ def get_config():
   c.model.attention_layers = (-1,)
   c.model.num_heads = 1
   c.model.boom_hidden = 512
+  c.data.path = ''
+  c.data.required = True
   c.data.tokenizer = 'char'
   c.data.seq_len = 64
   c.batch_size = 12

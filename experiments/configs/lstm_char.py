@@ -4,8 +4,8 @@
       --config.data.path=../shared/data/tinyshakespeare.txt --workdir=/tmp/lstm_attn/lstm_char
 
 2000 steps x batch 12 x context 64 = 1.5M training characters, as gpt_char. Two LSTM layers of 256
-(an embedding of 128, tied softmax through a projection). Without data.path it trains on the embedded
-stdlib corpus with the char tokenizer.
+(an embedding of 128, tied softmax through a projection). `data.path` is required, as for gpt_char (the
+comparison is on the same text; no default corpus stands in for it).
 """
 
 from lstm_attn.train import base_config
@@ -17,6 +17,8 @@ def get_config():
   c.model.hidden_size = 256
   c.model.num_layers = 2
   c.model.tie_embeddings = True
+  c.data.path = ''
+  c.data.required = True
   c.data.tokenizer = 'char'
   c.data.seq_len = 64
   c.batch_size = 12
