@@ -16,7 +16,9 @@ LM + next-sentence prediction ('mlm': bert), sequence classification ('cls': any
 from fp32 parameters (see lstm_attn.models); losses (`cross_entropy_sums` casts logits to fp32), gradients
 and the optimizer stay fp32. Gradient accumulation: `config.grad_accum_steps = k` splits each batch into k
 micro-batches scanned inside the step (one optimizer update per step; the batch size stays
-`config.batch_size`).
+`config.batch_size`). The loss and gradient are the mean of the k micro-batch means: the full-batch mean
+when every micro-batch scores the same number of tokens (the LM objectives without padding), a slightly
+different weighting otherwise (MLM, whose masked-token count varies; weighted classification batches).
 """
 
 from __future__ import annotations

@@ -130,7 +130,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = lu.NullWriter()
   try:
     # -- where the run starts (see the module docstring for the order) --------------------------------
-    restored = ckpt.restore_latest_good(abstract_state)
+    try:
+      restored = ckpt.restore_latest_good(abstract_state)
+    except checkpointing.CheckpointError as e:
+      # Often not damage but a config change that reshapes the optimizer state (e.g. clipping turned
+      # on after a divergence): say which fields changed.
+      changed = _diff((existing or {}).get('config') or {}, _to_json(config.to_dict()))
+      if not changed:
+        raise
+      raise checkpointing.CheckpointError(
+        f'{e}\nThe config differs from the one these checkpoints were saved with: {"; ".join(changed)}. '
+        'Resume with that config, or start this config in a fresh --workdir.'
+      ) from e
     if restored is not None:
       start_step, state, meta = restored
       inputs.train.restore(meta['data_state'])
@@ -177,24 +188,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         }
         ckpt.save(step, state, meta, eval_loss=last_eval['val']['loss'] if do_eval else None)
     ckpt.wait()
-    if not last_eval:  # resumed at the end: evaluate the restored state
-      last_eval = _run_eval(config, inputs, place, steps, eval_step, state, step, writer, True)
-    summary = {
-      'step': step,
-      'params': n_params,
-      **{f'{k}_{m}': v for k, d in last_eval.items() if isinstance(d, dict) for m, v in d.items()},
-    }
-    if 'sample' in last_eval:
-      summary['sample'] = last_eval['sample']
-    if place.main:
-      with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
-        json.dump(summary, f, indent=1)
+    summary = _finished_summary(workdir, step) if not last_eval else None
+    if summary is not None:  # resumed a finished run: its final evaluation is on record already
+      lu.log(f'{workdir} had already finished step {step}; its summary: {workdir}/summary.json.')
+    else:
+      if not last_eval:  # resumed at the end of an unfinished write-up: evaluate the restored state
+        last_eval = _run_eval(config, inputs, place, steps, eval_step, state, step, writer, True)
+      summary = {
+        'step': step,
+        'params': n_params,
+        **{f'{k}_{m}': v for k, d in last_eval.items() if isinstance(d, dict) for m, v in d.items()},
+      }
+      if 'sample' in last_eval:
+        summary['sample'] = last_eval['sample']
+      if place.main:
+        with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
+          json.dump(summary, f, indent=1)
   finally:
     writer.close()
     ckpt.close()
   if config.get('init_from', '') and config.get('compare_from_scratch', False):
     summary['from_scratch'] = _compare_from_scratch(config, workdir, summary)
   return summary
+
+
+def _finished_summary(workdir: str, step: int) -> dict | None:
+  """The summary.json of a run that already ended at `step`, or None."""
+  try:
+    with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return summary if isinstance(summary, dict) and summary.get('step') == step else None
 
 
 class _Placement:
@@ -255,8 +280,9 @@ def _flush_train_metrics(pending, step, progress, writer, ckpt, do_log) -> None:
       last = ckpt.latest_step()
       raise TrainingDiverged(
         f'training loss is {float(m["loss"])} (grad norm {float(m["grad_norm"])}) at step {s}: stopping '
-        f'without saving. The last good checkpoint (step {last}) in {ckpt.directory} is intact; lower '
-        'optim.learning_rate or set optim.grad_clip_norm, then resume or restart.'
+        f'without saving. The last good checkpoint (step {last}) in {ckpt.directory} is intact: lower '
+        'optim.learning_rate (or optim.grad_clip_norm) and resume from it; turning clipping on from 0 '
+        'changes the optimizer state, so that needs a fresh --workdir.'
       )
   if not do_log:
     return

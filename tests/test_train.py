@@ -15,9 +15,9 @@ from helpers import assert_close
 from jax.flatten_util import ravel_pytree
 from train_tiny import compilation_cache, final_params, tiny_config, train_losses
 
+from lstm_attn import checkpointing, train, train_inputs
 from lstm_attn import logging_utils as lu
 from lstm_attn import steps as steps_lib
-from lstm_attn import train, train_inputs
 from lstm_attn.models import build_model
 
 
@@ -136,6 +136,12 @@ def test_stop_and_resume_gives_identical_losses_and_params(tmp_path, monkeypatch
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
   assert full['val_loss'] == resumed['val_loss']
+  # Running a finished workdir again changes nothing: same summary, no second set of final records.
+  with open(tmp_path / 'full' / 'metrics.jsonl', encoding='utf-8') as f:
+    records = f.read()
+  assert train.train_and_evaluate(c, str(tmp_path / 'full')) == full
+  with open(tmp_path / 'full' / 'metrics.jsonl', encoding='utf-8') as f:
+    assert f.read() == records
 
 
 @pytest.mark.parametrize('name', ['lstm_lm', 'lstm_attn'])
@@ -243,6 +249,14 @@ def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path, monkeypatch):
   _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
   batch = {'inputs': jnp.zeros((4, 16), jnp.int32), 'targets': jnp.ones((4, 16), jnp.int32)}
   assert np.isfinite(float(step(init(), batch)[1]['loss']))
+
+
+def test_resume_with_a_reshaped_optimizer_names_the_changed_config(tmp_path):
+  c = tiny_config('gpt', steps=2, **{'optim.grad_clip_norm': 0.0})
+  train.train_and_evaluate(c, str(tmp_path))
+  c.num_train_steps, c.optim.grad_clip_norm = 4, 1.0  # clipping on: another optimizer-state tree
+  with pytest.raises(checkpointing.CheckpointError, match=r'config\.optim\.grad_clip_norm was 0\.0'):
+    train.train_and_evaluate(c, str(tmp_path))
 
 
 def test_metric_writer_truncation_keeps_the_dropped_records(tmp_path):
