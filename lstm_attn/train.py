@@ -458,8 +458,11 @@ def _compare_from_scratch(config, workdir, summary) -> dict:
     name: {k: s.get(k) for k in ('val_accuracy', 'test_accuracy', 'val_loss', 'test_loss')}
     for name, s in rows
   }
-  with open(os.path.join(workdir, 'transfer_comparison.json'), 'w', encoding='utf-8') as f:
-    json.dump(table, f, indent=1)
+  from lstm_attn import sharding
+
+  if sharding.is_main_process():  # one writer, as for summary.json
+    with open(os.path.join(workdir, 'transfer_comparison.json'), 'w', encoding='utf-8') as f:
+      json.dump(table, f, indent=1)
   return {k: scratch.get(k) for k in ('val_accuracy', 'test_accuracy', 'val_loss', 'test_loss')}
 
 
@@ -490,7 +493,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.data.tokenizer = 'byte'  # byte | char | bpe | unigram
   c.data.vocab_size = config_dict.placeholder(int)  # subword tokenizers only
   c.data.seq_len = 128
-  c.data.mode = 'random'
+  c.data.mode = 'random'  # or 'sequential': consecutive windows, every token once per epoch (no state
+  # is carried across batches: each window starts from a zero LSTM state either way)
   c.data.snippets_per_class = (512, 64, 64)  # classification only
 
   c.num_train_steps = 1000
