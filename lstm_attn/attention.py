@@ -259,6 +259,11 @@ def apply_rotary(x, positions, base: float = 10000.0):
   Returns:
     [batch, seq, heads, head_dim] in x.dtype (computed in float32, float64 for float64 inputs).
   """
+  return _apply_tables(x, _rotary_tables(x, positions, base))
+
+
+def _rotary_tables(x, positions, base):
+  """(cos, sin) [1|B, T, 1, head_dim/2] for x [B, T, H, D]; any x with the same B, T, D shares them."""
   if jnp.ndim(x) != 4:
     raise ValueError(f'x must have rank 4 [batch, seq, heads, head_dim], got shape {jnp.shape(x)}.')
   batch, seq, _, head_dim = x.shape
@@ -279,7 +284,12 @@ def apply_rotary(x, positions, base: float = 10000.0):
   inv_freq = base ** (-xp.arange(head_dim // 2, dtype=compute) * 2 / head_dim)  # [half]
   angles = positions.astype(compute)[..., None] * inv_freq  # [(batch,) seq, half]
   angles = angles[..., None, :] if positions.ndim == 2 else angles[None, :, None, :]  # [1|B, T, 1, half]
-  return _rotate(x.astype(compute), xp.cos(angles), xp.sin(angles)).astype(x.dtype)
+  return xp.cos(angles), xp.sin(angles)
+
+
+def _apply_tables(x, tables):
+  cos, sin = tables
+  return _rotate(x.astype(cos.dtype), cos, sin).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -444,13 +454,17 @@ class MultiHeadAttention(nnx.Module):
     k = self.key(source).reshape(batch, source.shape[1], self.num_kv_heads, self.head_dim)  # [B, S, K, D]
     v = self.value(source).reshape(k.shape)  # [B, S, K, D]
 
+    if cache is not None and not isinstance(cache, KVCache):
+      raise ValueError(f'cache must be a KVCache (see init_cache), got {type(cache).__name__}.')
+    if self.rotary:
+      if context is not None:
+        raise ValueError('rotary=True is for self-attention; got a context for cross-attention.')
+      if positions is None:  # NumPy arange: constant tables; with a cache, the absolute positions
+        positions = np.arange(seq) if cache is None else cache.length + jnp.arange(seq, dtype=jnp.int32)
+      tables = _rotary_tables(q, positions, self.rotary_base)  # shared by q and k
+      q, k = _apply_tables(q, tables), _apply_tables(k, tables)
+
     if cache is None:
-      if self.rotary:
-        if context is not None:
-          raise ValueError('rotary=True is for self-attention; got a context for cross-attention.')
-        positions = np.arange(seq) if positions is None else positions
-        q = apply_rotary(q, positions, self.rotary_base)
-        k = apply_rotary(k, positions, self.rotary_base)
       out = dot_product_attention(
         q,
         k,
@@ -475,7 +489,6 @@ class MultiHeadAttention(nnx.Module):
       key_value_seq_lengths,
       segment_ids,
       local_window_size,
-      positions,
     )
     return self._project(out), cache
 
@@ -496,9 +509,8 @@ class MultiHeadAttention(nnx.Module):
     key_value_seq_lengths,
     segment_ids,
     local_window_size,
-    positions,
   ):
-    """Writes k/v into the cache and attends over it. q: [B, T, H, D]; k, v: [B, T, K, D]."""
+    """Writes k/v (already rotated) into the cache, attends over it. q: [B, T, H, D]; k, v: [B, T, K, D]."""
     if context is not None:
       raise ValueError('cache is for self-attention; got a context for cross-attention.')
     if query_seq_lengths is not None or key_value_seq_lengths is not None or segment_ids is not None:
@@ -506,8 +518,6 @@ class MultiHeadAttention(nnx.Module):
         'with a cache, query_seq_lengths, key_value_seq_lengths and segment_ids must be '
         'None: the cache length decides which keys exist.'
       )
-    if not isinstance(cache, KVCache):
-      raise ValueError(f'cache must be a KVCache (see init_cache), got {type(cache).__name__}.')
     batch, seq = q.shape[:2]
     max_len = cache.key.shape[1]
     expected = (batch, max_len, self.num_kv_heads, self.head_dim)
@@ -525,10 +535,6 @@ class MultiHeadAttention(nnx.Module):
     if concrete_length is not None and concrete_length + seq > max_len:
       raise ValueError(f'cache overflow: length {concrete_length} + {seq} new tokens > max_len {max_len}.')
     q_pos = length + jnp.arange(seq, dtype=jnp.int32)  # [T] absolute query positions
-    if self.rotary:
-      positions = q_pos if positions is None else positions
-      q = apply_rotary(q, positions, self.rotary_base)
-      k = apply_rotary(k, positions, self.rotary_base)
     zero = jnp.zeros((), jnp.int32)
     keys = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), (zero, length, zero, zero))
     values = jax.lax.dynamic_update_slice(
