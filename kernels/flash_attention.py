@@ -3,9 +3,11 @@
   backend='gpu' (alias 'triton')  `flash_attention_triton.py`, the Pallas Triton kernels (any NVIDIA/AMD
                                   GPU that Triton supports; JAX 0.10 and 0.11).
   backend='tpu'                   `flash_attention_tpu.py`, the Pallas Mosaic TPU kernels.
-  backend=None                    the default device's kernel; on CPU the Triton kernels in the Pallas
-                                  interpreter (slow, exact: for tests and for `implementation='pallas'` on
-                                  a laptop).
+  backend=None                    the kernel of the platform the call is lowered for: TPU's on TPU,
+                                  Triton's on CUDA/ROCm, and on CPU the Triton kernels in the Pallas
+                                  interpreter (slow, exact: for tests and `implementation='pallas'` on a
+                                  laptop). Chosen at lowering (`lax.platform_dependent`), so compiling or
+                                  exporting for a GPU/TPU from a CPU host gets the compiled kernel.
 
 A Mosaic GPU (Hopper: wgmma, TMA, warp specialisation) kernel would be a third file,
 `flash_attention_mosaic_gpu.py`, with the same keyword signature; `backend='gpu'` would pick it on
@@ -18,8 +20,13 @@ fully masked rows giving 0 and zero gradient); every argument is validated by `r
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 BACKENDS = ('gpu', 'triton', 'tpu')
+
+# The platforms whose compiled kernel each backend is; on every other platform it runs interpreted.
+_COMPILED_ON = {'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',)}
 
 
 def _default_backend() -> str:
@@ -27,6 +34,16 @@ def _default_backend() -> str:
   if platform == 'tpu':
     return 'tpu'
   return 'gpu'  # 'gpu'/'cuda'/'rocm' compiled; 'cpu' (and anything else) through the interpreter
+
+
+def _kernel(backend: str):
+  if backend == 'tpu':
+    from lstm_attn.kernels.flash_attention_tpu import flash_attention_tpu
+
+    return flash_attention_tpu
+  from lstm_attn.kernels.flash_attention_triton import flash_attention_triton
+
+  return flash_attention_triton
 
 
 def flash_attention(
@@ -56,35 +73,42 @@ def flash_attention(
     segment_ids: [batch, seq] ints (q_len == kv_len) or a (query_ids, key_value_ids) pair.
     block_sizes: the chosen backend's BlockSizes (`flash_attention_triton.BlockSizes` or
       `flash_attention_tpu.BlockSizes`), or None for its defaults.
-    backend: 'gpu' (or 'triton'), 'tpu', or None for the default device's.
-    interpret: run in the Pallas interpreter; None means "when the backend's device is absent".
+    backend: 'gpu' (or 'triton'), 'tpu', or None: the kernel of the platform the call is lowered for
+      (TPU on TPU, Triton elsewhere).
+    interpret: run in the Pallas interpreter; None means "when lowered for a platform other than the
+      backend's". The choice is made when the computation is lowered, not from the default device, so
+      `jax.jit(...).lower()` / `jax.export` for a GPU or TPU from a CPU host contain the compiled kernel.
 
   Returns:
     [batch, q_len, num_heads, head_dim] in query.dtype. Rows that see no key are 0, with zero gradient.
   """
-  if backend is None:
-    backend = _default_backend()
-  if backend not in BACKENDS:
+  if backend is not None and backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS} or None, got {backend!r}.')
-  kwargs = dict(
-    scale=scale,
-    is_causal=is_causal,
+  if backend == 'triton':
+    backend = 'gpu'
+  if backend is None and block_sizes is not None:  # block sizes belong to one backend's kernel
+    from lstm_attn.kernels import flash_attention_tpu
+
+    backend = 'tpu' if isinstance(block_sizes, flash_attention_tpu.BlockSizes) else 'gpu'
+  mask = dict(
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
-    local_window_size=local_window_size,
     segment_ids=segment_ids,
-    block_sizes=block_sizes,
   )
-  platform = jax.default_backend()
-  if backend == 'tpu':
-    from lstm_attn.kernels.flash_attention_tpu import flash_attention_tpu
+  static = dict(scale=scale, is_causal=is_causal, local_window_size=local_window_size, block_sizes=block_sizes)
+  if interpret is not None:
+    backend = backend or _default_backend()
+    return _kernel(backend)(query, key, value, interpret=interpret, **mask, **static)
+  if jnp.dtype(query.dtype) == jnp.float64:  # no compiled kernel takes float64: the interpreter does
+    return _kernel(backend or 'gpu')(query, key, value, interpret=True, **mask, **static)
 
-    if interpret is None:
-      interpret = platform != 'tpu'
-    return flash_attention_tpu(query, key, value, interpret=interpret, **kwargs)
+  def branch(kernel_backend, interpret):
+    def run(query, key, value, mask):
+      return _kernel(kernel_backend)(query, key, value, interpret=interpret, **mask, **static)
 
-  from lstm_attn.kernels.flash_attention_triton import flash_attention_triton
+    return run
 
-  if interpret is None:
-    interpret = platform not in ('gpu', 'cuda', 'rocm')
-  return flash_attention_triton(query, key, value, interpret=interpret, **kwargs)
+  backends = (backend,) if backend else ('gpu', 'tpu')
+  compiled = {p: branch(b, False) for b in backends for p in _COMPILED_ON[b]}
+  # Elsewhere (CPU): the chosen backend's kernel, or Triton's, in the interpreter.
+  return lax.platform_dependent(query, key, value, mask, default=branch(backend or 'gpu', True), **compiled)

@@ -187,8 +187,9 @@ def _split_segments(cfg, refs):
 # Forward.
 
 
-def _fwd_kernel(q_lens_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs, cfg):
-  q_seg_ref, kv_seg_ref, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _split_segments(cfg, refs)
+def _fwd_kernel(q_lens_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs, cfg, with_lse):
+  q_seg_ref, kv_seg_ref, refs = _split_segments(cfg, refs)
+  o_ref, *lse_ref, m_scr, l_scr, acc_scr = refs  # lse_ref: [] when only the output is wanted
   bq, bk, width = q_ref.shape[2], k_ref.shape[2], q_ref.shape[3]
   b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -218,11 +219,14 @@ def _fwd_kernel(q_lens_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs, cfg):
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish():
     l_sum, m = l_scr[...], m_scr[...]
-    seen = l_sum > 0.0
+    # l == 0 exactly only for a row that saw no key (a visible finite logit adds exp(0) = 1). `!= 0`,
+    # not `> 0`: a NaN sum (NaN in the query or a visible key) must come out NaN, not as a masked row.
+    seen = l_sum != 0.0
     l_safe = jnp.where(seen, l_sum, 1.0)
     inv = jnp.where(seen, 1.0 / l_safe, 0.0)  # a row that saw no key outputs 0
     o_ref[0, 0] = (acc_scr[...] * _tile(inv, width)).astype(o_ref.dtype)
-    lse_ref[0, 0] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    if with_lse:
+      lse_ref[0][0, 0] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
 
 
 def _segment_specs(cfg, q_block, kv_block):
@@ -251,8 +255,13 @@ def _pallas(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, semantic
   )(*args)
 
 
-def _forward(q, k, v, q_lens, kv_lens, segs, cfg):
-  """q [B, H, Tp, Dp], k/v [B, K, Sp, Dp] -> (o [B, H, Tp, Dp], lse [B, H, Tp, 128] fp32)."""
+def _forward(q, k, v, q_lens, kv_lens, segs, cfg, with_lse):
+  """q [B, H, Tp, Dp], k/v [B, K, Sp, Dp] -> (o [B, H, Tp, Dp], lse [B, H, Tp, 128] fp32 or None).
+
+  The LSE is written only for the backward pass (with_lse): lane-broadcast to 128 lanes it is 4 * 128 /
+  (2 * head_dim) times the size of a bf16 output (2x at head_dim 128), temporary HBM that a forward-only
+  call (inference, evaluation) would allocate and write for nothing.
+  """
   batch, heads, t_pad, width = q.shape
   s_pad = k.shape[2]
   bq, bk = cfg.block_sizes.block_q, cfg.block_sizes.block_kv
@@ -270,11 +279,11 @@ def _forward(q, k, v, q_lens, kv_lens, segs, cfg):
     pl.BlockSpec((1, 1, bk, width), kv_map),
     *_segment_specs(cfg, (bq, lambda b, h, qi, kj, *_: qi), (bk, kv_index)),
   ]
-  out_specs = [pl.BlockSpec((1, 1, bq, width), q_map), pl.BlockSpec((1, 1, bq, NUM_LANES), q_map)]
-  out_shape = [
-    jax.ShapeDtypeStruct(q.shape, q.dtype),
-    jax.ShapeDtypeStruct((batch, heads, t_pad, NUM_LANES), jnp.float32),
-  ]
+  out_specs = [pl.BlockSpec((1, 1, bq, width), q_map)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if with_lse:
+    out_specs.append(pl.BlockSpec((1, 1, bq, NUM_LANES), q_map))
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, t_pad, NUM_LANES), jnp.float32))
   scratch = [
     pltpu.VMEM((bq, NUM_LANES), jnp.float32),
     pltpu.VMEM((bq, NUM_LANES), jnp.float32),
@@ -286,8 +295,8 @@ def _forward(q, k, v, q_lens, kv_lens, segs, cfg):
     bytes_accessed=2 * q.nbytes + k.nbytes + v.nbytes,
   )
   with jax.named_scope(f'flash_tpu_fwd_bq{bq}_bk{bk}'):
-    return _pallas(
-      functools.partial(_fwd_kernel, cfg=cfg),
+    out = _pallas(
+      functools.partial(_fwd_kernel, cfg=cfg, with_lse=with_lse),
       cfg,
       (batch, heads, t_pad // bq, nk),
       in_specs,
@@ -298,6 +307,7 @@ def _forward(q, k, v, q_lens, kv_lens, segs, cfg):
       cost,
       (q_lens, kv_lens, q, k, v, *segs),
     )
+  return out[0], (out[1] if with_lse else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,11 +488,11 @@ def _backward(q, k, v, q_lens, kv_lens, segs, o, lse, do, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash(q, k, v, q_lens, kv_lens, segs, cfg):
-  return _forward(q, k, v, q_lens, kv_lens, segs, cfg)[0]
+  return _forward(q, k, v, q_lens, kv_lens, segs, cfg, with_lse=False)[0]
 
 
 def _flash_fwd(q, k, v, q_lens, kv_lens, segs, cfg):
-  o, lse = _forward(q, k, v, q_lens, kv_lens, segs, cfg)
+  o, lse = _forward(q, k, v, q_lens, kv_lens, segs, cfg, with_lse=True)
   return o, (q, k, v, q_lens, kv_lens, segs, o, lse[..., 0])  # lse kept as [B, H, Tp], not 128 lanes
 
 

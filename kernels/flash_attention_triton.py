@@ -60,8 +60,7 @@ class BlockSizes:
   Forward: a program owns `block_q` query rows and steps over keys `block_k` at a time. dK/dV: a program
   owns `block_k_dkv` keys and steps over queries `block_q_dkv` at a time. dQ: a program owns `block_q_dq`
   query rows and steps over keys `block_k_dq` at a time. Blocks larger than the (padded) sequence shrink
-  to it. `get_default` picks sizes for H100/H200 (see the notes there); they are educated guesses from
-  the Triton FlashAttention tutorial and FlashAttention-2, not tuned on hardware here.
+  to it. `get_default` picks sizes for H100/H200 from the deviceless compile report (see the notes there).
   """
 
   block_q: int = 128
@@ -77,20 +76,26 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int = 128, dtype=jnp.bfloat16) -> BlockSizes:
-    """Defaults for Hopper-class GPUs (228 KB shared memory per SM, 64K registers).
+    """Defaults for Hopper (H100/H200: 227 KB shared memory per block, 64K registers per SM), chosen from
+    the deviceless sm_90a compile (`experiments/kernel_report.py`; table and reasons in BUILD_NOTES.md,
+    "Block sizes"). Every default compiles with 0 spill bytes, no serialised wgmma and no mma.sync over
+    the whole compile sweep (tests/test_compile_gpu.py asserts it at head dims 64 and 128).
 
-    bf16/fp16, head_dim <= 64: 128 x 64 forward tiles, 4 warps, 3 pipeline stages. head_dim 128: the same
-    tiles with 8 warps (the 128 x 128 fp32 accumulator is 64 regs/thread over 256 threads). head_dim 256 or
-    float32 inputs: 64 x 32 tiles so the K/V pipeline stages still fit in shared memory. Backward, as the
-    Triton tutorial: the dK/dV kernel owns 128 keys and streams 32-row query tiles (dK and dV are two
-    128 x head_dim fp32 accumulators), the dQ kernel owns 128 rows and streams 32-key tiles.
-    Untuned: no GPU was available when they were chosen; `experiments/bench_attention.py` measures.
+    bf16/fp16, head_dim <= 64: 128 x 64 forward tiles on 4 warps (one warpgroup: the 128 x 64 fp32
+    accumulator is 64 registers a thread), 5 K/V pipeline stages (96 KB). Backward on 8 warps: with 4, the
+    dK/dV kernel's two 128 x 64 fp32 accumulators sat at the 255-register cap and spilled in the
+    causal+GQA+ragged case; 8 warps leave it at ~200 registers with 4 stages (66 KB).
+    bf16/fp16, head_dim 128: the same tiles on 8 warps, 5 forward stages (192 KB of the 227 KB; 6 fit only
+    without segment ids) and 3 backward stages (4 put dK/dV at 252 of 255 registers, no margin).
+    head_dim 256 or float32: 64 x 32 tiles, 3 forward and 2 backward stages (1 backward stage spilled
+    400-900 B at head_dim 256: Triton's single-stage schedule keeps more live values).
+    Not yet timed on a GPU: `experiments/gpu_check.py` is the one command that would.
     """
     wide = jnp.dtype(dtype).itemsize >= 4
     if head_dim <= 64 and not wide:
-      return cls(num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
+      return cls(num_warps=4, num_stages=5, num_warps_bwd=8, num_stages_bwd=4)
     if head_dim <= 128 and not wide:
-      return cls()
+      return cls(num_warps=8, num_stages=5, num_warps_bwd=8, num_stages_bwd=3)
     return cls(
       block_q=64,
       block_k=32,
@@ -99,9 +104,9 @@ class BlockSizes:
       block_q_dq=64,
       block_k_dq=16,
       num_warps=4,
-      num_stages=2,
+      num_stages=3,
       num_warps_bwd=8,  # two 64 x 256 fp32 accumulators: 128 regs/thread over 256 threads
-      num_stages_bwd=1,
+      num_stages_bwd=2,
     )
 
   def validate(self):
@@ -159,7 +164,7 @@ class _Same:
 
 
 def _block_spec(cfg: _Config, q_len_b, kv_len_b, q_seg=None, kv_seg=None) -> reference.MaskSpec:
-  """The MaskSpec of one (batch row, block) pair; q_seg [bq, 1] and kv_seg [1, bk] block ids."""
+  """The MaskSpec of one (batch row, block) pair; q_seg and kv_seg are block ids shaped like q_pos, kv_pos."""
   return reference.MaskSpec(
     is_causal=cfg.is_causal,
     local_window=cfg.window,
@@ -306,10 +311,14 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int):
     bounds = _kv_block_range(cfg, q0, block_q, block_k, num_kv_blocks, q_len_b, kv_len_b)
     acc, m_i, l_i = _three_loops(bounds, body, (acc, m_i, l_i))
   else:
-    hi = jnp.where(q0 < q_len_b, num_kv_blocks, 0)
-    acc, m_i, l_i = lax.fori_loop(0, hi, functools.partial(body, masked=False), (acc, m_i, l_i))
+    # Both bounds int32 explicitly: a `where` of two weak Python ints lowers to an i1 select in
+    # Pallas-Triton, and scf.for rejects mixed bound types (the compile check caught it).
+    hi = jnp.where(q0 < q_len_b, jnp.int32(num_kv_blocks), jnp.int32(0))
+    acc, m_i, l_i = lax.fori_loop(jnp.int32(0), hi, functools.partial(body, masked=False), (acc, m_i, l_i))
 
-  row_ok = (l_i > 0.0) & (q_pos[:, 0] < q_len_b)  # fully masked rows (and rows past the length) -> 0
+  # Rows that saw no key (l == 0 exactly: any visible finite logit contributes exp2(0) = 1) and rows past
+  # the query length output 0. `!= 0`, not `> 0`: a NaN sum (NaN in q or in a visible key) must stay NaN.
+  row_ok = (l_i != 0.0) & (q_pos[:, 0] < q_len_b)
   o = jnp.where(row_ok[:, None], acc / jnp.where(row_ok, l_i, 1.0)[:, None], 0.0)
   plgpu.store(o_ref.at[:, :head_dim_padded], o.astype(o_ref.dtype), mask=head_mask)
   if lse_refs:
@@ -374,43 +383,48 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, group: int):
   head_mask = (_iota(head_dim_padded) < cfg.head_dim)[None, :]
   k = _load(k_ref, head_mask)
   v = _load(v_ref, head_mask)
-  kv_pos = (k0 + _iota(block_k))[None, :]
-  kv_seg = kv_seg_ref[...][None, :] if cfg.has_segments else None
+  # Everything here is computed transposed, keys along rows: S^T = K Q^T is [bk, bq], so P^T and dS^T
+  # are the left operands of dV += P^T dO and dK += dS^T Q as they come out of the MMA. In the
+  # [bq, bk] orientation both products need a transposed register operand, which Triton lowers to
+  # mma.sync plus shuffles; on sm_90a that pushed this kernel to the 255-register cap with spills and
+  # serialised wgmma (ptxas C7511). Transposed, every product is a plain wgmma (the report shows it).
+  kv_pos = (k0 + _iota(block_k))[:, None]  # [bk, 1]
+  kv_seg = kv_seg_ref[...][:, None] if cfg.has_segments else None
   qk_scale = cfg.scale * _LOG2_E
 
   def body(i, carry, masked, g):
     dk, dv = carry  # [bk, Dp] each, float32
     q0 = i * block_q
     rows = pl.ds(q0, block_q)
-    q = _load(q_ref.at[rows, g, :], head_mask)
-    do = _load(do_ref.at[rows, g, :], head_mask)
+    q = _load(q_ref.at[rows, g, :], head_mask)  # [bq, Dp]
+    do = _load(do_ref.at[rows, g, :], head_mask)  # [bq, Dp]
     lse = lse_ref[g, rows]  # [bq], +inf on empty rows
-    delta = delta_ref[g, rows]
-    s = _dot(q, k, trans_b=True) * qk_scale  # [bq, bk]
+    delta = delta_ref[g, rows]  # [bq]
+    s_t = _dot(k, q, trans_b=True) * qk_scale  # S^T, [bk, bq]
     if masked:
-      q_pos = (q0 + _iota(block_q))[:, None]
-      q_seg = q_seg_ref[rows][:, None] if cfg.has_segments else None
+      q_pos = (q0 + _iota(block_q))[None, :]  # [1, bq]
+      q_seg = q_seg_ref[rows][None, :] if cfg.has_segments else None
       ok = reference.visible(_block_spec(cfg, q_len_b, kv_len_b, q_seg, kv_seg), 0, q_pos, kv_pos)
-      s = jnp.where(ok, s, -jnp.inf)
-    p = jnp.exp2(s - lse[:, None])  # the forward probabilities, [bq, bk]
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    dp = _dot(do, v, trans_b=True)  # dO V^T, [bq, bk]
-    ds = p * (dp - delta[:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+      s_t = jnp.where(ok, s_t, -jnp.inf)
+    p_t = jnp.exp2(s_t - lse[None, :])  # the forward probabilities P^T, [bk, bq]
+    dv = dv + _dot(p_t.astype(do.dtype), do)  # P^T dO, [bk, Dp]
+    dp_t = _dot(v, do, trans_b=True)  # (dO V^T)^T = V dO^T, [bk, bq]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + _dot(ds_t.astype(q.dtype), q)  # dS^T Q, [bk, Dp]
     return dk, dv
 
   num_q_blocks = q_seq_len // block_q
   if cfg.needs_mask:
     bounds = _q_block_range(cfg, k0, block_k, block_q, num_q_blocks, q_len_b, kv_len_b)
   else:
-    hi = jnp.minimum(_cdiv(jnp.maximum(q_len_b, 0), block_q), num_q_blocks)
-    bounds = (0, 0, hi, hi)
+    hi = jnp.minimum(_cdiv(jnp.maximum(q_len_b, 0), block_q), jnp.int32(num_q_blocks))
+    bounds = (jnp.int32(0), jnp.int32(0), hi, hi)
 
   def group_body(g, carry):  # the GQA sum, in a fixed order: deterministic
     return _three_loops(bounds, functools.partial(body, g=g), carry)
 
   zeros = jnp.zeros((block_k, head_dim_padded), jnp.float32)
-  dk, dv = lax.fori_loop(0, group, group_body, (zeros, zeros))
+  dk, dv = lax.fori_loop(jnp.int32(0), jnp.int32(group), group_body, (zeros, zeros))
   plgpu.store(dk_ref.at[:, :head_dim_padded], (dk * cfg.scale).astype(dk_ref.dtype), mask=head_mask)
   plgpu.store(dv_ref.at[:, :head_dim_padded], dv.astype(dv_ref.dtype), mask=head_mask)
 
@@ -450,8 +464,8 @@ def _dq_kernel(*refs, cfg: _Config, block_q: int, block_k: int):
   if cfg.needs_mask:
     dq = _three_loops(_kv_block_range(cfg, q0, block_q, block_k, num_kv_blocks, q_len_b, kv_len_b), body, dq)
   else:
-    hi = jnp.where(q0 < q_len_b, num_kv_blocks, 0)
-    dq = lax.fori_loop(0, hi, functools.partial(body, masked=False), dq)
+    hi = jnp.where(q0 < q_len_b, jnp.int32(num_kv_blocks), jnp.int32(0))  # int32 bounds, as in forward
+    dq = lax.fori_loop(jnp.int32(0), hi, functools.partial(body, masked=False), dq)
   plgpu.store(dq_ref.at[:, :head_dim_padded], (dq * cfg.scale).astype(dq_ref.dtype), mask=head_mask)
 
 

@@ -444,3 +444,46 @@ def test_mha_bfloat16_compute():
   y16 = mha16(x, is_causal=True)
   assert y16.dtype == jnp.bfloat16 and mha16.query.kernel[...].dtype == jnp.float32
   assert_close(y16, mha32(x, is_causal=True), tol=TOLERANCE[np.dtype(jnp.bfloat16)])
+
+
+def _attend_with(implementation, q, k, v, **kwargs):
+  if implementation == 'pallas_tpu':  # the TPU kernel, in Pallas TPU interpret mode
+    from lstm_attn.kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, backend='tpu', interpret=True, **kwargs)
+  return dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla', 'chunked', 'pallas', 'pallas_tpu'])
+def test_nan_inputs_give_nan_rows_and_masked_rows_stay_zero(implementation):
+  # A NaN must never be hidden: the fused kernels once tested `l > 0` for "this row saw a key", which a
+  # NaN sum fails, so a NaN row came out as a masked row of zeros. Rows that see no key must still be 0.
+  batch, length = 2, 20
+  q, k, v = (randn(s, (batch, length, 2, 32)) for s in (1, 2, 3))
+  k, v = k[:, :, :1], v[:, :, :1]  # GQA: 2 query heads on 1 key/value head
+  q = q.at[0, 5, 0, 3].set(jnp.nan)  # a query: row 5 of batch 0, head 0
+  k = k.at[1, 8, 0, 0].set(jnp.nan)  # a key that rows 8.. of batch 1 see (causal)
+  lengths = jnp.asarray([length, 12], jnp.int32)  # batch 1: rows 12.. see nothing
+  out = np.asarray(
+    jax.jit(lambda q, k, v: _attend_with(implementation, q, k, v, is_causal=True, query_seq_lengths=lengths))(
+      q, k, v
+    )
+  )
+  nan_rows = np.zeros(out.shape[:3], bool)  # [batch, q_len, heads]
+  nan_rows[0, 5, 0] = True
+  nan_rows[1, 8:12, :] = True
+  assert np.all(np.isnan(out[nan_rows])), 'a NaN input was hidden'
+  assert np.all(np.isfinite(out[~nan_rows])), 'NaN leaked into rows that never saw it'
+  assert np.all(out[1, 12:] == 0.0), 'rows past the query length must be exactly 0'
+  clean = ref_np.attention(
+    np.where(nan_rows[..., None], 0.0, q), k.at[1, 8].set(0.0), v, _causal_keep(batch, length, lengths)
+  )
+  rows_ok = ~nan_rows
+  rows_ok[1, 8:] = False  # these saw the NaN key (8:12) or are masked (12:)
+  assert_close(out[rows_ok], np.asarray(clean)[rows_ok], tol=1e-5)
+
+
+def _causal_keep(batch, length, q_lens):
+  pos = np.arange(length)
+  keep = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, None, :, None] < np.asarray(q_lens)[:, None, None, None])
+  return np.broadcast_to(keep, (batch, 1, length, length))

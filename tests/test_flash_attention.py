@@ -205,21 +205,36 @@ class TestFlashAttentionInterpret:
 
   @pytest.mark.parametrize('backend', [None, 'gpu', 'triton', 'tpu'])
   def test_dispatch(self, backend, monkeypatch):
-    # Which kernel each backend reaches, and that interpret defaults to "no such device here".
+    # Which kernels each backend traces, compiled (for the platforms they run on) and interpreted (for
+    # the rest): the choice is made at lowering by lax.platform_dependent, not from the default device.
     from lstm_attn.kernels import flash_attention_tpu
 
-    calls = []
+    calls = set()
     for module, name in ((ft, 'flash_attention_triton'), (flash_attention_tpu, 'flash_attention_tpu')):
-      monkeypatch.setattr(module, name, lambda *a, _name=name, **kw: calls.append((_name, kw)) or a[0])
+      fake = lambda *a, _name=name, **kw: calls.add((_name, kw['interpret'], kw['local_window_size'])) or a[0]
+      monkeypatch.setattr(module, name, fake)
     x = jnp.zeros((1, 8, 2, 32))
-    flash_attention(x, x, x, is_causal=True, local_window_size=3, backend=backend)
-    [(name, kwargs)] = calls
-    platform = jax.default_backend()
-    if backend == 'tpu' or (backend is None and platform == 'tpu'):
-      assert name == 'flash_attention_tpu' and kwargs['interpret'] == (platform != 'tpu')
-    else:
-      assert name == 'flash_attention_triton' and kwargs['interpret'] == (platform != 'gpu')
-    assert kwargs['is_causal'] and kwargs['local_window_size'] == 3
+    jax.jit(lambda x: flash_attention(x, x, x, is_causal=True, local_window_size=3, backend=backend))(x)
+    triton, tpu = 'flash_attention_triton', 'flash_attention_tpu'
+    expected = {
+      None: {(triton, False, 3), (tpu, False, 3), (triton, True, 3)},
+      'tpu': {(tpu, False, 3), (tpu, True, 3)},
+    }.get(backend, {(triton, False, 3), (triton, True, 3)})
+    assert calls == expected
+
+  def test_pallas_exported_for_gpu_from_a_cpu_host_holds_the_triton_kernel(self):
+    # jax.export lowers for the named platform with no device: the GPU program must hold the compiled
+    # Triton kernel, while the same function lowered here for the CPU holds the interpreter's loops.
+    if not self.INTERPRET:
+      pytest.skip('a CPU-host check')
+    fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, is_causal=True))
+    x = jax.ShapeDtypeStruct((1, 64, 2, 32), jnp.bfloat16)
+    triton_call = '__gpu$xla.gpu.triton'
+    allow = [jax.export.DisabledSafetyCheck.custom_call(triton_call)]
+    gpu = jax.export.export(fn, platforms=['cuda'], disabled_checks=allow)(x, x, x).mlir_module()
+    assert gpu.count(triton_call) == 1 and 'stablehlo.while' not in gpu
+    cpu = fn.lower(x, x, x).as_text()
+    assert triton_call not in cpu and 'tpu_custom_call' not in cpu and 'stablehlo.while' in cpu
 
   def test_interpreter_poisons_unwritten_outputs(self):
     # The premise of "unwritten elements fail": an output block the kernel never stores to is NaN.
