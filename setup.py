@@ -34,5 +34,9 @@ setup(
     # torch (CPU build) is optional: only for peer comparisons in the benchmarks and the
     # torch.nn.LSTM conversion tests, which are skipped without it.
     'bench': ['matplotlib>=3.8'],
+    # Deviceless compile checks (tests/test_compile_*.py, experiments/kernel_report.py): the CUDA plugin
+    # (XLA:GPU for sm_90a; uses the local CUDA 13 toolkit's ptxas/libdevice) and libtpu (Mosaic TPU),
+    # both pinned by jax's own extras to the installed jax version. No GPU or TPU is needed.
+    'compile': ['jax[tpu,cuda13-local]>=0.10.2'],
   },
 )

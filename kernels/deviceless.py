@@ -121,6 +121,9 @@ def device(target: str) -> jax.Device:
     return topology.devices[0]
   if importlib.util.find_spec('libtpu') is None:
     raise Unavailable("libtpu is not installed (pip install -e '.[compile]')")
+  # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) unless told that several processes may
+  # load it: a compile-only topology drives no chip, so parallel test workers and reports can share it.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     return topologies.get_topology_desc(topology_name=TPU_TARGETS[target], platform='tpu').devices[0]
   except Exception as e:  # libtpu raises plain RuntimeErrors; say which and move on
@@ -200,7 +203,9 @@ def _ptxas_report(ptx_path: str) -> dict[str, dict]:
       current = report.setdefault(m.group(1), {'serialized': False})
     elif m := re.search(r"C7511.*function '(\w+)'", line):
       report.setdefault(m.group(1), {'serialized': False})['serialized'] = True
-    elif current is not None and (m := re.search(r'(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+)', line)):
+    elif current is not None and (
+      m := re.search(r'(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+)', line)
+    ):
       current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
     elif current is not None and (m := re.search(r'Used (\d+) registers', line)):
       current['registers'] = int(m.group(1))

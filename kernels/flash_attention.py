@@ -95,7 +95,9 @@ def flash_attention(
     key_value_seq_lengths=key_value_seq_lengths,
     segment_ids=segment_ids,
   )
-  static = dict(scale=scale, is_causal=is_causal, local_window_size=local_window_size, block_sizes=block_sizes)
+  static = dict(
+    scale=scale, is_causal=is_causal, local_window_size=local_window_size, block_sizes=block_sizes
+  )
   if interpret is not None:
     backend = backend or _default_backend()
     return _kernel(backend)(query, key, value, interpret=interpret, **mask, **static)

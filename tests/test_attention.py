@@ -485,5 +485,7 @@ def test_nan_inputs_give_nan_rows_and_masked_rows_stay_zero(implementation):
 
 def _causal_keep(batch, length, q_lens):
   pos = np.arange(length)
-  keep = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, None, :, None] < np.asarray(q_lens)[:, None, None, None])
+  keep = (pos[None, :] <= pos[:, None])[None, None] & (
+    pos[None, None, :, None] < np.asarray(q_lens)[:, None, None, None]
+  )
   return np.broadcast_to(keep, (batch, 1, length, length))

@@ -17,7 +17,8 @@ from lstm_attn.kernels import compile_sweep as sweep
 from lstm_attn.kernels import deviceless
 
 pytestmark = pytest.mark.skipif(
-  deviceless.available('h200') is not None, reason=f'no deviceless H200 compile: {deviceless.available("h200")}'
+  deviceless.available('h200') is not None,
+  reason=f'no deviceless H200 compile: {deviceless.available("h200")}',
 )
 
 # (dtype, head dims, cases): the full sweep in bf16 at 64 and 128; fp16, fp32 and head dim 256 on the
@@ -41,7 +42,9 @@ def _compile(kernel, case, head_dim, dtype, mode, tmp_path):
 @pytest.mark.parametrize('dtype, head_dim, case', GRID, ids=[f'{d}-{h}-{c}' for d, h, c in GRID])
 def test_triton_kernels_compile_without_spills(dtype, head_dim, case, mode, tmp_path):
   kernels = {k.name: k for k in _compile('triton', case, head_dim, dtype, mode, tmp_path)}
-  expected = {'flash_attention_fwd'} | ({'flash_attention_dkdv', 'flash_attention_dq'} if mode == 'vjp' else set())
+  expected = {'flash_attention_fwd'} | (
+    {'flash_attention_dkdv', 'flash_attention_dq'} if mode == 'vjp' else set()
+  )
   assert expected <= set(kernels), f'kernels compiled: {sorted(kernels)}'
   if head_dim > 128:
     return  # compiles; spills are only asserted where the defaults are meant to be spill-free
