@@ -78,7 +78,9 @@ def _write_json(path, payload: dict) -> None:
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
-  tmp = path + '.tmp'
+  # A temporary name of this process's own: every host of a multi-host run writes the same tokenizer,
+  # and with one shared '.tmp' name the second rename found the file already moved (FileNotFoundError).
+  tmp = f'{path}.tmp.{os.getpid()}'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(payload, f, ensure_ascii=True)
   os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
@@ -379,9 +381,10 @@ class SentencePieceTokenizer(_Specials):
     parent = os.path.dirname(path)
     if parent:
       os.makedirs(parent, exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:
+    tmp = f'{path}.tmp.{os.getpid()}'  # per process: several hosts may save the same model
+    with open(tmp, 'wb') as f:
       f.write(self._proto)
-    os.replace(path + '.tmp', path)
+    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path) -> SentencePieceTokenizer:
