@@ -226,7 +226,9 @@ def _fwd_kernel(q_lens_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs, cfg, with_l
     inv = jnp.where(seen, 1.0 / l_safe, 0.0)  # a row that saw no key outputs 0
     o_ref[0, 0] = (acc_scr[...] * _tile(inv, width)).astype(o_ref.dtype)
     if with_lse:
-      lse_ref[0][0, 0] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+      # Empty rows: any finite value (the backward pass zeroes them by the mask); not -inf, which as a
+      # residual leaving the jitted forward trips jax.debug_infs.
+      lse_ref[0][0, 0] = jnp.where(seen, m + jnp.log(l_safe), 0.0)
 
 
 def _segment_specs(cfg, q_block, kv_block):
@@ -319,7 +321,7 @@ def _probs_and_dlogits(cfg, b, q_lens_ref, kv_lens_ref, q_start, kv_start, q, k,
   bq, bk = q.shape[0], k.shape[0]
   s = _dot(q, k, cfg, _NT_DIMS) * cfg.scale  # [bq, bk]
   ok = _block_mask(cfg, b, q_lens_ref, kv_lens_ref, q_start, kv_start, bq, bk, *segs)
-  p = jnp.where(ok, jnp.exp(s - _tile(lse, bk)), 0.0)  # empty rows: lse = -inf, but ok is all False
+  p = jnp.where(ok, jnp.exp(s - _tile(lse, bk)), 0.0)  # empty rows: ok is all False
   dp = _dot(do, v, cfg, _NT_DIMS)  # [bq, bk]
   ds = p * (dp - _tile(dd, bk)) * cfg.scale
   return p, ds

@@ -13,7 +13,8 @@ Masks never exist as N x N arrays: each block evaluates `reference.visible` (the
 this project) on its positions. Blocks that no row can see are skipped by loop bounds (causal, local
 window, per-batch key/value length, per-batch query length), blocks that every row sees fully are run
 without the mask, and only the boundary blocks pay for it. Rows that see nothing output 0 and get zero
-gradient: their LSE is -inf, stored as +inf for the backward pass so exp2(s - lse) is exactly 0.
+gradient: their LSE is stored as the largest finite float32, so exp2(s - lse) is exactly 0 in the backward
+pass.
 
 Layout [batch, seq, heads, head_dim]. Sequence lengths that are not block multiples are padded here (the
 Triton lowering does not bound-check loads) and the padding is masked as keys past the length; head_dim
@@ -51,6 +52,7 @@ Array = jax.Array
 _LOG2_E = math.log2(math.e)
 _MIN_BLOCK = 16  # tl.dot needs every dimension >= 16.
 _MAX_HEAD_DIM = 256
+_EMPTY_ROW_LSE = float(jnp.finfo(jnp.float32).max)  # the LSE of a row that saw no key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +89,9 @@ class BlockSizes:
     causal+GQA+ragged case; 8 warps leave it at ~200 registers with 4 stages (66 KB).
     bf16/fp16, head_dim 128: the same tiles on 8 warps, 5 forward stages (192 KB of the 227 KB; 6 fit only
     without segment ids) and 3 backward stages (4 put dK/dV at 252 of 255 registers, no margin).
-    head_dim 256 or float32: 64 x 32 tiles, 3 forward and 2 backward stages (1 backward stage spilled
-    400-900 B at head_dim 256: Triton's single-stage schedule keeps more live values).
+    head_dim 256 or float32: 64 x 32 tiles on 8 warps (with 4 the forward spilled 104-128 B at head_dim
+    256), 3 forward and 2 backward stages (1 backward stage spilled 400-900 B at head_dim 256: Triton's
+    single-stage schedule keeps more live values). float32 multiplies as TF32x3 (see `_dot`).
     Not yet timed on a GPU: `experiments/gpu_check.py` is the one command that would.
     """
     wide = jnp.dtype(dtype).itemsize >= 4
@@ -103,7 +106,7 @@ class BlockSizes:
       block_k_dkv=64,
       block_q_dq=64,
       block_k_dq=16,
-      num_warps=4,
+      num_warps=8,  # 4 warps: the 64 x 256 fp32 accumulator alone is 128 regs/thread; spilled 104-128 B
       num_stages=3,
       num_warps_bwd=8,  # two 64 x 256 fp32 accumulators: 128 regs/thread over 256 threads
       num_stages_bwd=2,
@@ -175,10 +178,20 @@ def _block_spec(cfg: _Config, q_len_b, kv_len_b, q_seg=None, kv_seg=None) -> ref
   )
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  """a @ b with optional transposes, accumulated in float32 (tl.dot)."""
+def _dot(a, b, cfg, *, trans_a=False, trans_b=False):
+  """a @ b with optional transposes, accumulated in float32 (tl.dot).
+
+  float32 operands: Pallas-Triton lowers the default precision to TF32 (a 10-bit mantissa), which would
+  make float32 inputs no more accurate than bf16 on a GPU and fail the 1e-5 float32 tolerance the compiled
+  tests hold the kernel to. Compiled, they use TF32x3 (three TF32 products per element on the tensor
+  cores, ~float32 accuracy; plain IEEE float32 runs on the FMA units and spilled up to 1.2 KB at head dim
+  128). Interpreted (CPU), exact float32. bf16/fp16 use the tensor cores as they are.
+  """
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  precision = None
+  if a.dtype == jnp.float32:
+    precision = lax.Precision.HIGHEST if cfg.interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _iota(n: int):
@@ -288,7 +301,7 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int):
     acc, m_prev, l_prev = carry  # [bq, Dp], [bq], [bq]
     k0 = j * block_k
     k = _load(k_ref.at[pl.ds(k0, block_k), :], head_mask)
-    s = _dot(q, k, trans_b=True) * qk_scale  # [bq, bk]
+    s = _dot(q, k, cfg, trans_b=True) * qk_scale  # [bq, bk]
     if masked:
       kv_pos = (k0 + _iota(block_k))[None, :]
       kv_seg = kv_seg_ref[pl.ds(k0, block_k)][None, :] if cfg.has_segments else None
@@ -300,7 +313,7 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int):
     p = jnp.exp2(s - m_safe[:, None])
     l_next = correction * l_prev + jnp.sum(p, axis=1)
     v = _load(v_ref.at[pl.ds(k0, block_k), :], head_mask)
-    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v)
+    acc = correction[:, None] * acc + _dot(p.astype(v.dtype), v, cfg)
     return acc, m_next, l_next
 
   acc = jnp.zeros((block_q, head_dim_padded), jnp.float32)
@@ -322,8 +335,10 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int):
   o = jnp.where(row_ok[:, None], acc / jnp.where(row_ok, l_i, 1.0)[:, None], 0.0)
   plgpu.store(o_ref.at[:, :head_dim_padded], o.astype(o_ref.dtype), mask=head_mask)
   if lse_refs:
-    # Base-2 LSE for the backward pass; +inf for empty rows so that exp2(s - lse) is exactly 0 there.
-    lse_refs[0][...] = jnp.where(row_ok, m_i + jnp.log2(jnp.where(row_ok, l_i, 1.0)), jnp.inf)
+    # Base-2 LSE for the backward pass. Empty rows get the largest finite float32, so exp2(s - lse) is
+    # exactly 0 for every s there; not +inf, which as a residual leaving the jitted forward tripped
+    # jax.debug_infs (and its op-by-op re-run of the interpreter recursed without end).
+    lse_refs[0][...] = jnp.where(row_ok, m_i + jnp.log2(jnp.where(row_ok, l_i, 1.0)), _EMPTY_ROW_LSE)
 
 
 def _lengths_specs():
@@ -398,19 +413,19 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, group: int):
     rows = pl.ds(q0, block_q)
     q = _load(q_ref.at[rows, g, :], head_mask)  # [bq, Dp]
     do = _load(do_ref.at[rows, g, :], head_mask)  # [bq, Dp]
-    lse = lse_ref[g, rows]  # [bq], +inf on empty rows
+    lse = lse_ref[g, rows]  # [bq], _EMPTY_ROW_LSE on empty rows
     delta = delta_ref[g, rows]  # [bq]
-    s_t = _dot(k, q, trans_b=True) * qk_scale  # S^T, [bk, bq]
+    s_t = _dot(k, q, cfg, trans_b=True) * qk_scale  # S^T, [bk, bq]
     if masked:
       q_pos = (q0 + _iota(block_q))[None, :]  # [1, bq]
       q_seg = q_seg_ref[rows][None, :] if cfg.has_segments else None
       ok = reference.visible(_block_spec(cfg, q_len_b, kv_len_b, q_seg, kv_seg), 0, q_pos, kv_pos)
       s_t = jnp.where(ok, s_t, -jnp.inf)
     p_t = jnp.exp2(s_t - lse[None, :])  # the forward probabilities P^T, [bk, bq]
-    dv = dv + _dot(p_t.astype(do.dtype), do)  # P^T dO, [bk, Dp]
-    dp_t = _dot(v, do, trans_b=True)  # (dO V^T)^T = V dO^T, [bk, bq]
+    dv = dv + _dot(p_t.astype(do.dtype), do, cfg)  # P^T dO, [bk, Dp]
+    dp_t = _dot(v, do, cfg, trans_b=True)  # (dO V^T)^T = V dO^T, [bk, bq]
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = dk + _dot(ds_t.astype(q.dtype), q)  # dS^T Q, [bk, Dp]
+    dk = dk + _dot(ds_t.astype(q.dtype), q, cfg)  # dS^T Q, [bk, Dp]
     return dk, dv
 
   num_q_blocks = q_seq_len // block_q
@@ -449,15 +464,15 @@ def _dq_kernel(*refs, cfg: _Config, block_q: int, block_k: int):
     cols = pl.ds(k0, block_k)
     k = _load(k_ref.at[cols, :], head_mask)
     v = _load(v_ref.at[cols, :], head_mask)
-    s = _dot(q, k, trans_b=True) * qk_scale
+    s = _dot(q, k, cfg, trans_b=True) * qk_scale
     if masked:
       kv_pos = (k0 + _iota(block_k))[None, :]
       kv_seg = kv_seg_ref[cols][None, :] if cfg.has_segments else None
       ok = reference.visible(_block_spec(cfg, q_len_b, kv_len_b, q_seg, kv_seg), 0, q_pos, kv_pos)
       s = jnp.where(ok, s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    ds = p * (_dot(do, v, cfg, trans_b=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k, cfg)
 
   dq = jnp.zeros((block_q, head_dim_padded), jnp.float32)
   num_kv_blocks = kv_seq_len // block_k

@@ -247,11 +247,13 @@ def mha_reference(
       raise ValueError(f'mask must be boolean (True = attend), got {mask.dtype}.')
     keep = keep & mask
   keep = jnp.broadcast_to(keep, logits.shape)
-  masked = jnp.where(keep, logits, -jnp.inf)
-  row_max = jnp.max(masked, axis=-1, keepdims=True)
-  # Empty rows have max -inf; use 0 there so exp() gives exact zeros instead of NaN.
-  safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(keep, jnp.exp(masked - safe_max), 0.0)
+  # Hidden logits are the most negative finite value, not -inf: masking must create no infinity that a
+  # user's jax.debug_infs would trip on (jax.nn does the same). Only `keep` decides what is seen.
+  lowest = jnp.finfo(compute_dtype).min
+  row_max = jnp.max(jnp.where(keep, logits, lowest), axis=-1, keepdims=True)
+  # Empty rows: shift by 0 (their probabilities are zeroed below); NaN maxima stay NaN.
+  safe_max = jnp.where(jnp.any(keep, axis=-1, keepdims=True), row_max, 0.0)
+  p = jnp.where(keep, jnp.exp(jnp.where(keep, logits - safe_max, 0.0)), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   probs = p / jnp.where(denom == 0.0, 1.0, denom)
   out = jnp.einsum('bnts,bsnd->btnd', probs, v, precision=jax.lax.Precision.HIGHEST)

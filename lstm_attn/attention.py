@@ -99,7 +99,25 @@ def _rows_with_a_key(spec: reference.MaskSpec, batch: int, q_len: int, kv_len: i
 
 
 def _xla_attention(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
-  """jax.nn.dot_product_attention(implementation='xla') with segment ids and zeroed empty rows."""
+  """jax.nn.dot_product_attention(implementation='xla') with segment ids and zeroed empty rows.
+
+  float16 on CPU computes in float32: XLA:CPU has no float16 dot with float32 accumulation, which
+  jax.nn asks for ("The precision 'F16_F16_F32' is not supported by dot_general on CPU" under jit).
+  Decided when lowering (lax.platform_dependent), so a GPU/TPU program keeps its float16 dots.
+  """
+  if query.dtype == jnp.float16:
+
+    def via_float32(query, key, value, bias):
+      up = lambda x: None if x is None else x.astype(jnp.float32)
+      out = _xla_attention_impl(up(query), up(key), up(value), up(bias), mask, scale, spec)
+      return out.astype(jnp.float16)
+
+    direct = lambda *a: _xla_attention_impl(*a, mask, scale, spec)
+    return jax.lax.platform_dependent(query, key, value, bias, cpu=via_float32, default=direct)
+  return _xla_attention_impl(query, key, value, bias, mask, scale, spec)
+
+
+def _xla_attention_impl(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
   batch, q_len, _, _ = query.shape
   kv_len = key.shape[1]
   if spec.q_segment_ids is not None or mask is not None:
@@ -147,7 +165,8 @@ def dot_product_attention(
   """Scaled dot-product attention with the arguments of `jax.nn.dot_product_attention`.
 
   Args:
-    query: [batch, q_len, num_heads, head_dim].
+    query: [batch, q_len, num_heads, head_dim], or unbatched [q_len, num_heads, head_dim] (then key and
+      value are unbatched too, lengths are scalars, segment ids are [seq]; the result is unbatched).
     key, value: [batch, kv_len, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0 (GQA/MQA).
     bias: optional additive logits bias broadcastable to [batch, num_heads, q_len, kv_len].
     mask: optional bool mask (True = attend) broadcastable to [batch, num_heads, q_len, kv_len].
@@ -165,6 +184,21 @@ def dot_product_attention(
   """
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f'implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.')
+  if jnp.ndim(query) == 3:  # unbatched [seq, heads, head_dim], as jax.nn.dot_product_attention takes
+    return _unbatched(
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      scale=scale,
+      is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size,
+      segment_ids=segment_ids,
+      implementation=implementation,
+    )
   scale, spec = reference.check_inputs(
     query,
     key,
@@ -233,6 +267,42 @@ def dot_product_attention(
     local_window_size=spec.local_window,
     segment_ids=_segment_pair(spec),
   )
+
+
+def _unbatched(query, key, value, bias, mask, *, query_seq_lengths, key_value_seq_lengths, segment_ids, **kw):
+  """[seq, heads, head_dim] inputs: a batch of one in, the batch axis squeezed out of the result.
+
+  Lengths are then scalars (or shape [1]) and segment ids [seq] (or a pair of them); bias and mask
+  broadcast as in the batched call ([heads, q_len, kv_len] and fewer dims).
+  """
+  if jnp.ndim(key) != 3 or jnp.ndim(value) != 3:
+    raise ValueError(
+      f'query is unbatched [seq, heads, head_dim]; key and value must be too, got shapes '
+      f'{jnp.shape(key)} and {jnp.shape(value)}.'
+    )
+
+  def lengths(x):
+    return None if x is None else jnp.reshape(jnp.asarray(x), (1,))
+
+  def batch_ids(ids):
+    if ids is None:
+      return None
+    if isinstance(ids, (tuple, list)):
+      return tuple(jnp.asarray(i)[None] for i in ids)
+    return jnp.asarray(ids)[None]
+
+  out = dot_product_attention(
+    query[None],
+    key[None],
+    value[None],
+    bias,
+    mask,
+    query_seq_lengths=lengths(query_seq_lengths),
+    key_value_seq_lengths=lengths(key_value_seq_lengths),
+    segment_ids=batch_ids(segment_ids),
+    **kw,
+  )
+  return out[0]
 
 
 def _segment_pair(spec: reference.MaskSpec):

@@ -489,3 +489,61 @@ def _causal_keep(batch, length, q_lens):
     pos[None, None, :, None] < np.asarray(q_lens)[:, None, None, None]
   )
   return np.broadcast_to(keep, (batch, 1, length, length))
+
+
+@pytest.mark.parametrize('implementation', [None, 'xla', 'reference', 'chunked'])
+def test_float16_under_jit(implementation):
+  # XLA:CPU has no F16_F16_F32 dot, which jax.nn's 'xla' path asks for under jit: the default (which
+  # routes small CPU inputs to 'xla') crashed. Every implementation must run float16 and be accurate.
+  (q, k, v), kwargs, keep = _case('everything', 4, 2, head_dim=32, dtype=jnp.float16, seed=4)
+  out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation, **kwargs))(
+    q, k, v
+  )
+  assert out.dtype == jnp.float16
+  assert_close(out, ref_np.attention(q, k, v, keep), tol=TOLERANCE[np.dtype(jnp.float16)])
+
+
+def test_mha_float16_under_nnx_jit():
+  mha16 = _mha(dtype=jnp.float16)
+  x = randn(2, (2, 9, 32)).astype(jnp.float16)
+  y = nnx.jit(lambda m, x: m(x, is_causal=True))(mha16, x)
+  assert y.dtype == jnp.float16
+  assert_close(y, _mha()(x.astype(jnp.float32), is_causal=True), tol=TOLERANCE[np.dtype(jnp.float16)])
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla', 'chunked', 'pallas', 'pallas_tpu'])
+def test_masking_creates_no_infinity_under_debug_infs(implementation):
+  # A user's jax.debug_infs must not trip on our masking: 'reference' filled hidden logits with -inf and
+  # raised in convert_element_type; the Pallas backward kept +inf as the LSE of padded rows (length 4 is
+  # not a block multiple), a residual that tripped the check and sent its op-by-op re-run into recursion.
+  q, k, v = (randn(s, (1, 4, 2, 8)) for s in (5, 6, 7))
+  d_out = randn(8, q.shape)
+  fn = lambda q, k, v: _attend_with(implementation, q, k, v, is_causal=True)
+  with jax.debug_infs(True):
+    out, pullback = jax.vjp(fn, q, k, v)
+    grads = pullback(d_out)
+  keep = np.tril(np.ones((4, 4), bool))[None, None]
+  ref_out, ref_grads = ref_np.attention(q, k, v, keep, d_out=d_out)
+  assert_close(out, ref_out, what='out')
+  for name, g, e in zip('qkv', grads, ref_grads):
+    assert_close(g, e, what=f'd{name}')
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'xla', 'chunked', 'pallas'])
+def test_unbatched_inputs_as_jax_nn(implementation):
+  # [seq, heads, head_dim] in, [seq, heads, head_dim] out, as jax.nn.dot_product_attention takes them;
+  # lengths are then scalars and segment ids [seq].
+  q, k, v = (randn(s, (7, 4, 16)) for s in (9, 10, 11))
+  k, v = k[:, :2], v[:, :2]
+  seg = jnp.asarray([0, 0, 0, 1, 1, 1, 1], jnp.int32)
+  kwargs = dict(is_causal=True, key_value_seq_lengths=6, segment_ids=seg, implementation=implementation)
+  out = dot_product_attention(q, k, v, **kwargs)
+  kwargs.update(key_value_seq_lengths=jnp.asarray([6]), segment_ids=seg[None])
+  batched = dot_product_attention(q[None], k[None], v[None], **kwargs)
+  assert out.shape == q.shape
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(batched[0]))
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=jnp.asarray([6]))
+  rows = np.asarray(seg) == 0  # rows 0-2 are in segment 0 alone, so jax.nn (no segments) agrees there
+  assert_close(out[rows], expected[rows], tol=1e-5)
+  with pytest.raises(ValueError, match='key and value must be too'):
+    dot_product_attention(q, k[None], v[None])
