@@ -84,11 +84,14 @@ class BlockSizes:
     the whole compile sweep (tests/test_compile_gpu.py asserts it at head dims 64 and 128).
 
     bf16/fp16, head_dim <= 64: 128 x 64 forward tiles on 4 warps (one warpgroup: the 128 x 64 fp32
-    accumulator is 64 registers a thread), 5 K/V pipeline stages (96 KB). Backward on 8 warps: with 4, the
+    accumulator is 64 registers a thread), 5 K/V pipeline stages: 96 KB, so two CTAs still share an SM
+    (2 x 96 KB <= 228 KB); 6 or more would leave one 4-warp CTA per SM. Backward on 8 warps: with 4, the
     dK/dV kernel's two 128 x 64 fp32 accumulators sat at the 255-register cap and spilled in the
-    causal+GQA+ragged case; 8 warps leave it at ~200 registers with 4 stages (66 KB).
-    bf16/fp16, head_dim 128: the same tiles on 8 warps, 5 forward stages (192 KB of the 227 KB; 6 fit only
-    without segment ids) and 3 backward stages (4 put dK/dV at 252 of 255 registers, no margin).
+    causal+GQA+ragged case; with 8 it needs 186/204/220 registers at 3/4/5 stages: 4 stages (66 KB)
+    leaves ~50 registers of margin for the mask-heavy cases.
+    bf16/fp16, head_dim 128: the same tiles on 8 warps, 5 forward stages (192 KB of the 227 KB; 6 fit,
+    226 KB with segment ids, but put the segment-id forward at 254 of 255 registers) and 3 backward
+    stages (4 put dK/dV at 252 of 255 registers).
     head_dim 256 or float32: 64 x 32 tiles on 8 warps (with 4 the forward spilled 104-128 B at head_dim
     256), 3 forward and 2 backward stages (1 backward stage spilled 400-900 B at head_dim 256: Triton's
     single-stage schedule keeps more live values). float32 multiplies as TF32x3 (see `_dot`).
