@@ -295,6 +295,24 @@ def chunked_attention(
     local_window_size=local_window_size,
     segment_ids=segment_ids,
   )
+  return chunked_attention_from_spec(query, key, value, scale, spec, block_q=block_q, block_kv=block_kv)
+
+
+def chunked_attention_from_spec(
+  query,
+  key,
+  value,
+  scale: float,
+  spec: reference.MaskSpec,
+  *,
+  block_q: int = DEFAULT_BLOCK_Q,
+  block_kv: int = DEFAULT_BLOCK_KV,
+) -> Array:
+  """`chunked_attention` on validated inputs: the entry `dot_product_attention` calls.
+
+  scale, spec: what `reference.check_inputs` returned for query, key and value. Only block_q and block_kv
+  are checked here, so a call through the op validates its arguments once.
+  """
   _check_block('block_q', block_q)
   _check_block('block_kv', block_kv)
   batch, q_len, num_heads, head_dim = query.shape

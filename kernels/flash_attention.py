@@ -14,16 +14,25 @@ A Mosaic GPU (Hopper: wgmma, TMA, warp specialisation) kernel would be a third f
 compute capability 9.x and keep Triton elsewhere (see BUILD_NOTES.md, "Mosaic GPU plan").
 
 Semantics are those of `reference.mha_reference` (= `jax.nn.dot_product_attention` plus segment ids, with
-fully masked rows giving 0 and zero gradient); every argument is validated by `reference.check_inputs`.
+fully masked rows giving 0 and zero gradient). Arguments are validated once, by `reference.check_inputs`
+in `flash_attention`; `flash_attention_from_spec` takes what it returns (scale and a `MaskSpec`) and is
+the entry `dot_product_attention` calls, having validated them itself. Each backend file has the same pair.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lstm_attn.kernels import reference
+
 BACKENDS = ('gpu', 'triton', 'tpu')
+
+# The MaskSpec fields that are arrays: operands of lax.platform_dependent (the rest is static).
+_SPEC_ARRAYS = ('query_seq_lengths', 'key_value_seq_lengths', 'q_segment_ids', 'kv_segment_ids')
 
 # The platforms whose compiled kernel each backend is; on every other platform it runs interpreted.
 _COMPILED_ON = {'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',)}
@@ -37,13 +46,14 @@ def _default_backend() -> str:
 
 
 def _kernel(backend: str):
+  """The backend's validated-input entry: (query, key, value, scale, spec, *, block_sizes, interpret)."""
   if backend == 'tpu':
-    from lstm_attn.kernels.flash_attention_tpu import flash_attention_tpu
+    from lstm_attn.kernels.flash_attention_tpu import flash_attention_tpu_from_spec
 
-    return flash_attention_tpu
-  from lstm_attn.kernels.flash_attention_triton import flash_attention_triton
+    return flash_attention_tpu_from_spec
+  from lstm_attn.kernels.flash_attention_triton import flash_attention_triton_from_spec
 
-  return flash_attention_triton
+  return flash_attention_triton_from_spec
 
 
 def flash_attention(
@@ -82,6 +92,30 @@ def flash_attention(
   Returns:
     [batch, q_len, num_heads, head_dim] in query.dtype. Rows that see no key are 0, with zero gradient.
   """
+  scale, spec = reference.check_inputs(
+    query,
+    key,
+    value,
+    scale=scale,
+    is_causal=is_causal,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
+  return flash_attention_from_spec(
+    query, key, value, scale, spec, block_sizes=block_sizes, backend=backend, interpret=interpret
+  )
+
+
+def flash_attention_from_spec(
+  query, key, value, scale: float, spec: reference.MaskSpec, *, block_sizes=None, backend=None, interpret=None
+):
+  """`flash_attention` on validated inputs: the 'pallas' entry of `dot_product_attention`'s table.
+
+  scale, spec: what `reference.check_inputs` returned for query, key and value; the other arguments are
+  those of `flash_attention`. The backend kernel checks only its own limits and options.
+  """
   if backend is not None and backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS} or None, got {backend!r}.')
   if backend == 'triton':
@@ -90,27 +124,23 @@ def flash_attention(
     from lstm_attn.kernels import flash_attention_tpu
 
     backend = 'tpu' if isinstance(block_sizes, flash_attention_tpu.BlockSizes) else 'gpu'
-  mask = dict(
-    query_seq_lengths=query_seq_lengths,
-    key_value_seq_lengths=key_value_seq_lengths,
-    segment_ids=segment_ids,
-  )
-  static = dict(
-    scale=scale, is_causal=is_causal, local_window_size=local_window_size, block_sizes=block_sizes
-  )
   if interpret is not None:
     backend = backend or _default_backend()
-    return _kernel(backend)(query, key, value, interpret=interpret, **mask, **static)
+    return _kernel(backend)(query, key, value, scale, spec, block_sizes=block_sizes, interpret=interpret)
   if jnp.dtype(query.dtype) == jnp.float64:  # no compiled kernel takes float64: the interpreter does
-    return _kernel(backend or 'gpu')(query, key, value, interpret=True, **mask, **static)
+    return _kernel(backend or 'gpu')(query, key, value, scale, spec, block_sizes=block_sizes, interpret=True)
 
   def branch(kernel_backend, interpret):
-    def run(query, key, value, mask):
-      return _kernel(kernel_backend)(query, key, value, interpret=interpret, **mask, **static)
+    def run(query, key, value, arrays):
+      branch_spec = dataclasses.replace(spec, **arrays)  # the operands, not the closed-over arrays
+      return _kernel(kernel_backend)(
+        query, key, value, scale, branch_spec, block_sizes=block_sizes, interpret=interpret
+      )
 
     return run
 
+  arrays = {name: getattr(spec, name) for name in _SPEC_ARRAYS}  # None where absent
   backends = (backend,) if backend else ('gpu', 'tpu')
   compiled = {p: branch(b, False) for b in backends for p in _COMPILED_ON[b]}
   # Elsewhere (CPU): the chosen backend's kernel, or Triton's, in the interpreter.
-  return lax.platform_dependent(query, key, value, mask, default=branch(backend or 'gpu', True), **compiled)
+  return lax.platform_dependent(query, key, value, arrays, default=branch(backend or 'gpu', True), **compiled)

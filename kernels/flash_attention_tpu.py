@@ -578,6 +578,19 @@ def flash_attention_tpu(
     local_window_size=local_window_size,
     segment_ids=segment_ids,
   )
+  return flash_attention_tpu_from_spec(
+    query, key, value, scale, spec, block_sizes=block_sizes, interpret=interpret
+  )
+
+
+def flash_attention_tpu_from_spec(
+  query, key, value, scale: float, spec: reference.MaskSpec, *, block_sizes=None, interpret=False
+):
+  """`flash_attention_tpu` on validated inputs: the entry `flash_attention` dispatches to.
+
+  scale, spec: what `reference.check_inputs` returned for query, key and value. Only the kernel's own
+  limits and options (float64, block_sizes, interpret) are checked here.
+  """
   if query.dtype == jnp.float64:
     raise ValueError(
       'query/key/value are float64, which the TPU kernel does not support; pass float32, '

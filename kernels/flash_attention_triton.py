@@ -646,6 +646,27 @@ def flash_attention_triton(
     local_window_size=local_window_size,
     segment_ids=segment_ids,
   )
+  return flash_attention_triton_from_spec(
+    query, key, value, scale, spec, block_sizes=block_sizes, interpret=interpret, debug=debug
+  )
+
+
+def flash_attention_triton_from_spec(
+  query,
+  key,
+  value,
+  scale: float,
+  spec: reference.MaskSpec,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  debug: bool = False,
+) -> Array:
+  """`flash_attention_triton` on validated inputs: the entry `flash_attention` dispatches to.
+
+  scale, spec: what `reference.check_inputs` returned for query, key and value. Only the kernel's own
+  limits and options (head_dim, float64, block_sizes, interpret) are checked here.
+  """
   batch, q_len, _, head_dim = query.shape
   kv_len = key.shape[1]
   if head_dim > _MAX_HEAD_DIM:

@@ -209,17 +209,22 @@ class TestFlashAttentionInterpret:
     # the rest): the choice is made at lowering by lax.platform_dependent, not from the default device.
     from lstm_attn.kernels import flash_attention_tpu
 
+    # flash_attention validates once and hands each backend's validated-input entry the MaskSpec.
     calls = set()
     for module, name in ((ft, 'flash_attention_triton'), (flash_attention_tpu, 'flash_attention_tpu')):
-      fake = lambda *a, _name=name, **kw: calls.add((_name, kw['interpret'], kw['local_window_size'])) or a[0]
-      monkeypatch.setattr(module, name, fake)
+
+      def fake(query, key, value, scale, spec, *, _name=name, **kw):
+        calls.add((_name, kw['interpret'], spec.is_causal, spec.local_window))
+        return query
+
+      monkeypatch.setattr(module, f'{name}_from_spec', fake)
     x = jnp.zeros((1, 8, 2, 32))
     jax.jit(lambda x: flash_attention(x, x, x, is_causal=True, local_window_size=3, backend=backend))(x)
-    triton, tpu = 'flash_attention_triton', 'flash_attention_tpu'
+    triton, tpu, w = 'flash_attention_triton', 'flash_attention_tpu', (3, 3)
     expected = {
-      None: {(triton, False, 3), (tpu, False, 3), (triton, True, 3)},
-      'tpu': {(tpu, False, 3), (tpu, True, 3)},
-    }.get(backend, {(triton, False, 3), (triton, True, 3)})
+      None: {(triton, False, True, w), (tpu, False, True, w), (triton, True, True, w)},
+      'tpu': {(tpu, False, True, w), (tpu, True, True, w)},
+    }.get(backend, {(triton, False, True, w), (triton, True, True, w)})
     assert calls == expected
 
   def test_pallas_exported_for_gpu_from_a_cpu_host_holds_the_triton_kernel(self):
