@@ -319,22 +319,27 @@ def shard_attention(attention_fn, mesh: Mesh, *, batch_axes=MESH_AXES, head_axis
   return wrapped
 
 
-def per_shard_attention(attention_fn):
+def per_shard_attention(attention_fn, *, batch_axes=MESH_AXES):
   """`attention_fn` run per shard whenever it is traced under `jax.set_mesh(mesh)` on a multi-device mesh.
 
   For kernels the SPMD partitioner cannot split (a Pallas call is opaque to it: it would gather the
-  whole batch onto every device). Under a ('data', 'fsdp') mesh of more than one device, with a batch
-  that the mesh size divides, the call goes through `shard_attention` (batch split over both axes, no
-  communication); otherwise (no mesh, one device, or e.g. a batch of 1 while sampling) it is called as is.
-  The trainer traces its steps under `jax.set_mesh(mesh)`; an attention dispatcher wraps its kernel:
+  whole batch onto every device). When the mesh has every axis of `batch_axes` (default the trainer's
+  ('data', 'fsdp')), they hold more than one device and their size divides the batch, the call goes
+  through `shard_attention` (batch split over those axes, no communication); otherwise (no mesh, one
+  device, other axis names, or e.g. a batch of 1 while sampling) it is called as is. The trainer traces
+  its steps under `jax.set_mesh(mesh)`; an attention dispatcher wraps its kernel:
   `kernel = sharding.per_shard_attention(kernel)`.
   """
+  batch_axes = tuple(batch_axes)
 
   def wrapped(query, key, value, **kwargs):
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != MESH_AXES or query.shape[0] % mesh.size:
+    if mesh.empty or not set(batch_axes) <= set(mesh.axis_names):
       return attention_fn(query, key, value, **kwargs)
-    return shard_attention(attention_fn, mesh)(query, key, value, **kwargs)
+    size = int(np.prod([mesh.shape[a] for a in batch_axes], dtype=np.int64))
+    if size == 1 or query.shape[0] % size:
+      return attention_fn(query, key, value, **kwargs)
+    return shard_attention(attention_fn, mesh, batch_axes=batch_axes)(query, key, value, **kwargs)
 
   return wrapped
 
