@@ -222,10 +222,9 @@ def test_default_implementation(monkeypatch):
   assert auto(jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float64), shape(64), has_dense=False) == 'xla'
   if jax.default_backend() == 'cpu':
     assert auto(shape(64), shape(64), has_dense=False) == 'xla'
-    if attention._kernel_available('chunked'):
-      monkeypatch.setattr(attention, 'CHUNKED_MIN_ELEMENTS', 64 * 64)
-      assert auto(shape(64), shape(64), has_dense=False) == 'chunked'
-      assert auto(shape(64), shape(63), has_dense=False) == 'xla'
+    monkeypatch.setattr(attention.ops, 'CHUNKED_MIN_ELEMENTS', 64 * 64)  # read where it is defined
+    assert auto(shape(64), shape(64), has_dense=False) == 'chunked'
+    assert auto(shape(64), shape(63), has_dense=False) == 'xla'
   (q, k, v), kwargs, keep = _case('everything')
   out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kwargs))(q, k, v)
   assert_close(out, ref_np.attention(q, k, v, keep))

@@ -1,0 +1,29 @@
+"""Attention: one op with several backends, rotary embeddings, a KV cache and a multi-head module.
+
+ops.py       dot_product_attention: validates once, then calls one backend from a flat table
+             ('reference', 'xla', 'chunked', 'pallas') with one `reference.MaskSpec`.
+rotary.py    apply_rotary: rotary position embeddings.
+kv_cache.py  KVCache: fixed-size key/value buffers for generation.
+mha.py       MultiHeadAttention: the Flax NNX module around dot_product_attention.
+"""
+
+from lstm_attn.attention.kv_cache import KVCache
+from lstm_attn.attention.mha import MultiHeadAttention
+from lstm_attn.attention.ops import (
+  CHUNKED_MIN_ELEMENTS,
+  IMPLEMENTATIONS,
+  PALLAS_HEAD_DIMS,
+  dot_product_attention,
+)
+from lstm_attn.attention.ops import _auto_implementation as _auto_implementation  # used by tests
+from lstm_attn.attention.rotary import apply_rotary
+
+__all__ = [
+  'CHUNKED_MIN_ELEMENTS',
+  'IMPLEMENTATIONS',
+  'PALLAS_HEAD_DIMS',
+  'KVCache',
+  'MultiHeadAttention',
+  'apply_rotary',
+  'dot_product_attention',
+]
