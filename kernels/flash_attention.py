@@ -91,6 +91,9 @@ def flash_attention(
 
   Returns:
     [batch, q_len, num_heads, head_dim] in query.dtype. Rows that see no key are 0, with zero gradient.
+
+  float32 at head_dim > 128 lowered for a GPU runs `chunked_attention` (exact float32): the compiled
+  Triton kernel cannot hold float32-accurate tiles that wide in shared memory.
   """
   scale, spec = reference.check_inputs(
     query,
@@ -130,9 +133,19 @@ def flash_attention_from_spec(
   if jnp.dtype(query.dtype) == jnp.float64:  # no compiled kernel takes float64: the interpreter does
     return _kernel(backend or 'gpu')(query, key, value, scale, spec, block_sizes=block_sizes, interpret=True)
 
+  from lstm_attn.kernels import flash_attention_triton
+
+  triton_compiles = flash_attention_triton.compiles_for(query.shape[-1], query.dtype)
+
   def branch(kernel_backend, interpret):
     def run(query, key, value, arrays):
       branch_spec = dataclasses.replace(spec, **arrays)  # the operands, not the closed-over arrays
+      if kernel_backend == 'gpu' and not interpret and not triton_compiles:
+        # float32 at head_dim > 128 does not fit the compiled Triton kernel (see its error): on a GPU
+        # the exact flash-style jnp implementation runs instead, so every platform's branch exists.
+        from lstm_attn.kernels.chunked_attention import chunked_attention_from_spec
+
+        return chunked_attention_from_spec(query, key, value, scale, branch_spec)
       return _kernel(kernel_backend)(
         query, key, value, scale, branch_spec, block_sizes=block_sizes, interpret=interpret
       )

@@ -52,6 +52,8 @@ Array = jax.Array
 _LOG2_E = math.log2(math.e)
 _MIN_BLOCK = 16  # tl.dot needs every dimension >= 16.
 _MAX_HEAD_DIM = 256
+# Compiled float32 (TF32x3) tiles at head_dim 256 exceed Hopper's shared memory even at 1 stage (the report).
+_MAX_FLOAT32_HEAD_DIM = 128
 _EMPTY_ROW_LSE = float(jnp.finfo(jnp.float32).max)  # the LSE of a row that saw no key
 
 
@@ -651,6 +653,11 @@ def flash_attention_triton(
   )
 
 
+def compiles_for(head_dim: int, dtype) -> bool:
+  """Whether the compiled kernel takes this head_dim and dtype (the interpreter takes any <= 256)."""
+  return not (jnp.dtype(dtype) == jnp.float32 and head_dim > _MAX_FLOAT32_HEAD_DIM)
+
+
 def flash_attention_triton_from_spec(
   query,
   key,
@@ -673,6 +680,12 @@ def flash_attention_triton_from_spec(
     raise ValueError(f'query head_dim must be at most {_MAX_HEAD_DIM} for the Triton kernel, got {head_dim}.')
   if query.dtype == jnp.float64 and not interpret:
     raise ValueError('query dtype float64 runs only with interpret=True; use float32, bfloat16 or float16.')
+  if not interpret and not compiles_for(head_dim, query.dtype):
+    raise ValueError(
+      f'float32 at head_dim {head_dim} (> {_MAX_FLOAT32_HEAD_DIM}) does not fit the compiled Triton kernel: '
+      'float32-accurate (TF32x3) tiles need 256-320 KB of shared memory, above the 227 KB of a Hopper '
+      "block. Use bfloat16/float16, or the 'chunked' or 'xla' implementation."
+    )
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(head_dim, query.dtype)
   if not isinstance(block_sizes, BlockSizes):

@@ -77,3 +77,25 @@ def test_pallas_from_a_cpu_host_compiles_the_gpu_kernel(tmp_path):
 
   deviceless.compile_for(attend, q, q, q, target='h200', dump_dir=str(tmp_path))
   assert 'flash_attention_fwd' in [k.name for k in deviceless.gpu_kernel_resources(str(tmp_path))]
+
+
+def test_float32_beyond_head_dim_128_is_refused_by_triton_and_runs_chunked(tmp_path):
+  # float32-accurate (TF32x3) tiles at head dim 256 need 256-320 KB of shared memory (> 227 KB): the
+  # compiled Triton kernel refuses them by name, and flash_attention lowered for a GPU runs the chunked
+  # jnp implementation instead of failing to compile.
+  from lstm_attn.kernels import flash_attention_triton
+  from lstm_attn.kernels.flash_attention import flash_attention
+
+  q = jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.float32)
+  with pytest.raises(ValueError, match='float32 at head_dim 256'):
+    deviceless.compile_for(
+      lambda q, k, v: flash_attention_triton.flash_attention_triton(q, k, v, interpret=False),
+      q,
+      q,
+      q,
+      target='h200',
+    )
+  deviceless.compile_for(
+    lambda q, k, v: flash_attention(q, k, v, is_causal=True), q, q, q, target='h200', dump_dir=str(tmp_path)
+  )
+  assert not [k.name for k in deviceless.gpu_kernel_resources(str(tmp_path)) if k.name.startswith('flash')]
