@@ -77,7 +77,20 @@ class Unavailable(RuntimeError):
   """The compiler for a target is not installed here; the message is one line saying what is missing."""
 
 
+_MIN_PTXAS = (13, 0)  # the plugin is built for CUDA 13: its PTX needs a CUDA 13 ptxas
+
+
+def _ptxas_version(path: str) -> tuple[int, int] | None:
+  try:
+    out = subprocess.run([path, '--version'], capture_output=True, text=True, timeout=30, check=False).stdout
+  except OSError:
+    return None
+  m = re.search(r'release (\d+)\.(\d+)', out)
+  return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _find_ptxas() -> str | None:
+  """The first CUDA 13+ ptxas on PATH, under /usr/local/cuda*, or in the nvidia wheels."""
   candidates = [shutil.which('ptxas')]
   candidates += sorted(glob.glob('/usr/local/cuda*/bin/ptxas'), reverse=True)
   for spec in ('nvidia.cu13', 'nvidia.cuda_nvcc'):  # the nvidia-cuda-nvcc wheels
@@ -87,14 +100,15 @@ def _find_ptxas() -> str | None:
       found = None
     if found and found.submodule_search_locations:
       candidates += [os.path.join(p, 'bin', 'ptxas') for p in found.submodule_search_locations]
-  return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+  found = (c for c in candidates if c and os.access(c, os.X_OK))
+  return next((c for c in found if (_ptxas_version(c) or (0, 0)) >= _MIN_PTXAS), None)
 
 
 @functools.cache
 def ptxas() -> str:
   path = _find_ptxas()
   if path is None:
-    raise Unavailable('no ptxas (CUDA 13 toolkit) found on PATH, under /usr/local/cuda*, or in nvidia wheels')
+    raise Unavailable('no CUDA 13 ptxas found on PATH, under /usr/local/cuda*, or in the nvidia wheels')
   return path
 
 

@@ -92,8 +92,10 @@ def flash_attention(
   Returns:
     [batch, q_len, num_heads, head_dim] in query.dtype. Rows that see no key are 0, with zero gradient.
 
-  float32 at head_dim > 128 lowered for a GPU runs `chunked_attention` (exact float32): the compiled
-  Triton kernel cannot hold float32-accurate tiles that wide in shared memory.
+  Where the Triton kernel cannot take the inputs, its branches run `chunked_attention` (exact): float32 at
+  head_dim > 128 lowered for a GPU with default tiles (they do not fit in shared memory), and, with
+  backend=None, head_dim > 256 (the TPU kernel's branch takes it). Block sizes of one backend pick that
+  backend: TPU block sizes with backend=None run the TPU kernel, interpreted off a TPU.
   """
   scale, spec = reference.check_inputs(
     query,
@@ -135,14 +137,22 @@ def flash_attention_from_spec(
 
   from lstm_attn.kernels import flash_attention_triton
 
-  triton_compiles = flash_attention_triton.compiles_for(query.shape[-1], query.dtype)
+  # lax.platform_dependent traces every branch on every platform, so no branch may reject inputs another
+  # accepts. Where Triton cannot take them, its branches run the exact flash-style jnp implementation:
+  # float32 at head_dim > 128 compiled (its tiles do not fit in shared memory; see its error) with the
+  # default tiles, and, when no backend was named, head_dim > 256 (which the TPU kernel takes).
+  head_dim = query.shape[-1]
+  triton_takes = {
+    False: flash_attention_triton.compiles_for(head_dim, query.dtype) or block_sizes is not None,  # compiled
+    True: True,  # interpreted
+  }
+  if backend is None and head_dim > flash_attention_triton.MAX_HEAD_DIM:
+    triton_takes = {False: False, True: False}
 
   def branch(kernel_backend, interpret):
     def run(query, key, value, arrays):
       branch_spec = dataclasses.replace(spec, **arrays)  # the operands, not the closed-over arrays
-      if kernel_backend == 'gpu' and not interpret and not triton_compiles:
-        # float32 at head_dim > 128 does not fit the compiled Triton kernel (see its error): on a GPU
-        # the exact flash-style jnp implementation runs instead, so every platform's branch exists.
+      if kernel_backend == 'gpu' and not triton_takes[interpret]:
         from lstm_attn.kernels.chunked_attention import chunked_attention_from_spec
 
         return chunked_attention_from_spec(query, key, value, scale, branch_spec)
@@ -154,6 +164,9 @@ def flash_attention_from_spec(
 
   arrays = {name: getattr(spec, name) for name in _SPEC_ARRAYS}  # None where absent
   backends = (backend,) if backend else ('gpu', 'tpu')
-  compiled = {p: branch(b, False) for b in backends for p in _COMPILED_ON[b]}
+  compiled = {}
+  for b in backends:  # one function object per backend: platform_dependent merges platforms that share one
+    run_compiled = branch(b, False)
+    compiled.update({p: run_compiled for p in _COMPILED_ON[b]})
   # Elsewhere (CPU): the chosen backend's kernel, or Triton's, in the interpreter.
   return lax.platform_dependent(query, key, value, arrays, default=branch(backend or 'gpu', True), **compiled)

@@ -51,7 +51,7 @@ Array = jax.Array
 
 _LOG2_E = math.log2(math.e)
 _MIN_BLOCK = 16  # tl.dot needs every dimension >= 16.
-_MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256
 # Compiled float32 (TF32x3) tiles at head_dim 256 exceed Hopper's shared memory even at 1 stage (the report).
 _MAX_FLOAT32_HEAD_DIM = 128
 _EMPTY_ROW_LSE = float(jnp.finfo(jnp.float32).max)  # the LSE of a row that saw no key
@@ -74,16 +74,17 @@ class BlockSizes:
   block_q_dq: int = 128
   block_k_dq: int = 32
   num_warps: int = 8
-  num_stages: int = 3
+  num_stages: int = 5  # the class defaults are get_default(128, bfloat16)
   num_warps_bwd: int = 8
-  num_stages_bwd: int = 2
+  num_stages_bwd: int = 3
 
   @classmethod
   def get_default(cls, head_dim: int = 128, dtype=jnp.bfloat16) -> BlockSizes:
     """Defaults for Hopper (H100/H200: 227 KB shared memory per block, 64K registers per SM), chosen from
     the deviceless sm_90a compile (`experiments/kernel_report.py`; table and reasons in BUILD_NOTES.md,
-    "Block sizes"). Every default compiles with 0 spill bytes, no serialised wgmma and no mma.sync over
-    the whole compile sweep (tests/test_compile_gpu.py asserts it at head dims 64 and 128).
+    "Block sizes"). Every bf16/fp16 default compiles with 0 spill bytes, no serialised wgmma and no
+    mma.sync over the whole compile sweep (tests/test_compile_gpu.py asserts it at head dims 64, 128 and
+    256). float32 (TF32x3) compiles clean at head dim 64 and spills up to 4.5 KB at 128.
 
     bf16/fp16, head_dim <= 64: 128 x 64 forward tiles on 4 warps (one warpgroup: the 128 x 64 fp32
     accumulator is 64 registers a thread), 5 K/V pipeline stages: 96 KB, so two CTAs still share an SM
@@ -189,8 +190,8 @@ def _dot(a, b, cfg, *, trans_a=False, trans_b=False):
   float32 operands: Pallas-Triton lowers the default precision to TF32 (a 10-bit mantissa), which would
   make float32 inputs no more accurate than bf16 on a GPU and fail the 1e-5 float32 tolerance the compiled
   tests hold the kernel to. Compiled, they use TF32x3 (three TF32 products per element on the tensor
-  cores, ~float32 accuracy; plain IEEE float32 runs on the FMA units and spilled up to 1.2 KB at head dim
-  128). Interpreted (CPU), exact float32. bf16/fp16 use the tensor cores as they are.
+  cores, ~float32 accuracy); plain IEEE float32 would run on the FMA units instead. Interpreted (CPU),
+  exact float32. bf16/fp16 use the tensor cores as they are.
   """
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   precision = None
@@ -676,15 +677,16 @@ def flash_attention_triton_from_spec(
   """
   batch, q_len, _, head_dim = query.shape
   kv_len = key.shape[1]
-  if head_dim > _MAX_HEAD_DIM:
-    raise ValueError(f'query head_dim must be at most {_MAX_HEAD_DIM} for the Triton kernel, got {head_dim}.')
+  if head_dim > MAX_HEAD_DIM:
+    raise ValueError(f'query head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel, got {head_dim}.')
   if query.dtype == jnp.float64 and not interpret:
     raise ValueError('query dtype float64 runs only with interpret=True; use float32, bfloat16 or float16.')
-  if not interpret and not compiles_for(head_dim, query.dtype):
+  if not interpret and block_sizes is None and not compiles_for(head_dim, query.dtype):
     raise ValueError(
-      f'float32 at head_dim {head_dim} (> {_MAX_FLOAT32_HEAD_DIM}) does not fit the compiled Triton kernel: '
-      'float32-accurate (TF32x3) tiles need 256-320 KB of shared memory, above the 227 KB of a Hopper '
-      "block. Use bfloat16/float16, or the 'chunked' or 'xla' implementation."
+      f"float32 at head_dim {head_dim} (> {_MAX_FLOAT32_HEAD_DIM}): the compiled Triton kernel's default "
+      'float32-accurate (TF32x3) tiles need 262-328 KB of shared memory, above the 227 KB of a Hopper '
+      "block, and smaller tiles spill heavily. Use bfloat16/float16, the 'chunked' or 'xla' "
+      'implementation, or pass block_sizes to try your own tiles.'
     )
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(head_dim, query.dtype)

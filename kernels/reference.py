@@ -251,8 +251,9 @@ def mha_reference(
   # user's jax.debug_infs would trip on (jax.nn does the same). Only `keep` decides what is seen.
   lowest = jnp.finfo(compute_dtype).min
   row_max = jnp.max(jnp.where(keep, logits, lowest), axis=-1, keepdims=True)
-  # Empty rows: shift by 0 (their probabilities are zeroed below); NaN maxima stay NaN.
-  safe_max = jnp.where(jnp.any(keep, axis=-1, keepdims=True), row_max, 0.0)
+  # Rows that see nothing, or only -inf (a user's -inf bias), shift by 0 and come out 0 (probabilities
+  # zeroed below, or exp(-inf) = 0); a NaN maximum shifts by 0 too and the NaN logits stay NaN.
+  safe_max = jnp.where(jnp.any(keep, axis=-1, keepdims=True) & jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.where(keep, jnp.exp(jnp.where(keep, logits - safe_max, 0.0)), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   probs = p / jnp.where(denom == 0.0, 1.0, denom)

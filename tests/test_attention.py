@@ -546,3 +546,14 @@ def test_unbatched_inputs_as_jax_nn(implementation):
   assert_close(out[rows], expected[rows], tol=1e-5)
   with pytest.raises(ValueError, match='key and value must be too'):
     dot_product_attention(q, k[None], v[None])
+
+
+def test_reference_row_with_only_minus_inf_bias_is_zero():
+  # The reference is the ground truth: a row whose every visible logit is -inf (a user's additive -inf
+  # bias) sees nothing and is 0, as a masked row is, never NaN (finite masking must not change that).
+  q, k, v = (randn(s, (1, 3, 1, 8)) for s in (12, 13, 14))
+  bias = np.zeros((1, 1, 3, 3), np.float32)
+  bias[0, 0, 1, :] = -np.inf
+  out = np.asarray(dot_product_attention(q, k, v, bias=jnp.asarray(bias), implementation='reference'))
+  assert np.all(out[0, 1] == 0.0) and np.all(np.isfinite(out))
+  assert_close(out[0, [0, 2]], ref_np.attention(q, k, v, np.ones((1, 1, 3, 3), bool))[0, [0, 2]], tol=1e-5)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 # (dtype, head dim, case): every case in bf16 and fp16 at head dims 64 and 128 and in bf16 at 256; fp32
 # (TF32x3 products on the tensor cores) on the cases that exercise different code.
-_MIXED = ('no_mask', 'causal_gqa_ragged', 'not_block_multiple', 'segments')
+_MIXED = sweep.MIXED_CASES
 GRID = (
   [(dt, d, c.name) for dt in ('bfloat16', 'float16') for d in (64, 128) for c in sweep.CASES]
   + [('bfloat16', 256, c.name) for c in sweep.CASES]
@@ -80,7 +80,7 @@ def test_pallas_from_a_cpu_host_compiles_the_gpu_kernel(tmp_path):
 
 
 def test_float32_beyond_head_dim_128_is_refused_by_triton_and_runs_chunked(tmp_path):
-  # float32-accurate (TF32x3) tiles at head dim 256 need 256-320 KB of shared memory (> 227 KB): the
+  # float32-accurate (TF32x3) tiles at head dim 256 need 262-328 KB of shared memory (> 227 KB): the
   # compiled Triton kernel refuses them by name, and flash_attention lowered for a GPU runs the chunked
   # jnp implementation instead of failing to compile.
   from lstm_attn.kernels import flash_attention_triton
@@ -95,7 +95,20 @@ def test_float32_beyond_head_dim_128_is_refused_by_triton_and_runs_chunked(tmp_p
       q,
       target='h200',
     )
-  deviceless.compile_for(
+  compiled = deviceless.compile_for(
     lambda q, k, v: flash_attention(q, k, v, is_causal=True), q, q, q, target='h200', dump_dir=str(tmp_path)
   )
-  assert not [k.name for k in deviceless.gpu_kernel_resources(str(tmp_path)) if k.name.startswith('flash')]
+  names = [k.name for k in deviceless.gpu_kernel_resources(str(tmp_path))]
+  assert names and not [n for n in names if n.startswith('flash')], names  # XLA's fusions, no Triton
+  assert '__gpu$xla.gpu.triton' not in compiled.as_text()
+
+
+def test_head_dim_over_256_with_no_backend_named_still_reaches_the_tpu_kernel(tmp_path):
+  # Every platform's branch is traced: Triton (which stops at 256) must not reject what TPU takes.
+  from lstm_attn.kernels.flash_attention import flash_attention
+
+  q = jax.ShapeDtypeStruct((1, 128, 2, 512), jnp.bfloat16)
+  attend = lambda q, k, v: flash_attention(q, k, v, is_causal=True)
+  deviceless.compile_for(attend, q, q, q, target='h200', dump_dir=str(tmp_path))  # chunked there
+  if deviceless.available('v5e') is None:
+    assert 'tpu_custom_call' in deviceless.compile_for(attend, q, q, q, target='v5e').as_text()

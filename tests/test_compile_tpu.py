@@ -13,7 +13,7 @@ import pytest
 from lstm_attn.kernels import compile_sweep as sweep
 from lstm_attn.kernels import deviceless
 
-_MIXED = ('no_mask', 'causal_gqa_ragged', 'not_block_multiple', 'segments')
+_MIXED = sweep.MIXED_CASES
 GRID = [(t, 'bfloat16', d, c.name) for t in ('v5e', 'v6e') for d in (64, 128, 256) for c in sweep.CASES] + [
   (t, dt, 128, c) for t in ('v5e', 'v6e') for dt in ('float16', 'float32') for c in _MIXED
 ]

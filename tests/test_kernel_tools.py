@@ -32,6 +32,19 @@ def test_gpu_check_smoke_checks_correctness_then_times(tmp_path):
   assert (tmp_path / 'gpu_check.md').read_text().count('| pallas |') == 4
 
 
+def test_gpu_check_test_command_is_accepted_by_pytest():
+  # Its step 1 must really run the compiled test class (a flag pytest.ini's addopts reject would leave
+  # nothing run and nothing said): collect with the same command.
+  sys.path.insert(0, os.path.join(_ROOT, 'experiments'))
+  try:
+    import gpu_check
+  finally:
+    sys.path.pop(0)
+  cmd = [sys.executable, *gpu_check.TEST_COMMAND, '--collect-only']
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=_ROOT, check=False)
+  assert done.returncode == 0 and 'TestFlashAttentionGPU' in done.stdout, done.stdout[-2000:] + done.stderr
+
+
 def test_gpu_check_refuses_a_cpu_without_smoke():
   if deviceless.jax.default_backend() == 'gpu':
     pytest.skip('there is a GPU')

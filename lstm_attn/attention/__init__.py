@@ -9,19 +9,14 @@ mha.py       MultiHeadAttention: the Flax NNX module around dot_product_attentio
 
 from lstm_attn.attention.kv_cache import KVCache
 from lstm_attn.attention.mha import MultiHeadAttention
-from lstm_attn.attention.ops import (
-  CHUNKED_MIN_ELEMENTS,
-  IMPLEMENTATIONS,
-  PALLAS_HEAD_DIMS,
-  dot_product_attention,
-)
+from lstm_attn.attention.ops import IMPLEMENTATIONS, dot_product_attention
 from lstm_attn.attention.ops import _auto_implementation as _auto_implementation  # used by tests
 from lstm_attn.attention.rotary import apply_rotary
 
+# The default-implementation thresholds (CHUNKED_MIN_ELEMENTS, PALLAS_HEAD_DIMS) live in, and are read
+# from, `lstm_attn.attention.ops`; they are not copied here, where setting them would change nothing.
 __all__ = [
-  'CHUNKED_MIN_ELEMENTS',
   'IMPLEMENTATIONS',
-  'PALLAS_HEAD_DIMS',
   'KVCache',
   'MultiHeadAttention',
   'apply_rotary',

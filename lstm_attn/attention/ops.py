@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lstm_attn.kernels import flash_attention_triton, reference
+from lstm_attn.kernels import reference
 
 Array = jax.Array
 
@@ -59,10 +59,11 @@ def _auto_implementation(query, key, has_dense: bool) -> str:
     return 'xla'  # The fused kernels take no dense bias/mask and no float64.
   if jax.default_backend() in ('gpu', 'tpu'):
     lo, hi = PALLAS_HEAD_DIMS
-    if jax.default_backend() == 'gpu' and not flash_attention_triton.compiles_for(
-      query.shape[-1], query.dtype
-    ):
-      return 'xla'  # float32 at head_dim > 128: the Triton kernel's tiles do not fit (see its error)
+    if jax.default_backend() == 'gpu':
+      from lstm_attn.kernels.flash_attention_triton import compiles_for  # Pallas only when on a GPU
+
+      if not compiles_for(query.shape[-1], query.dtype):
+        return 'xla'  # float32 at head_dim > 128: the Triton kernel's tiles do not fit (see its error)
     return 'pallas' if lo <= query.shape[-1] <= hi else 'xla'
   if query.shape[1] * key.shape[1] >= CHUNKED_MIN_ELEMENTS:
     return 'chunked'

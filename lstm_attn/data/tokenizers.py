@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -73,17 +74,29 @@ def _as_ids(ids, vocab_size: int) -> np.ndarray:
   return arr.astype(np.int64)
 
 
-def _write_json(path, payload: dict) -> None:
+def _atomic_write(path, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file of its own in the same folder, then renames it.
+
+  Atomic: a crash never leaves a half-written tokenizer. The temporary name is unique (mkstemp), not a
+  fixed '.tmp': every host of a multi-host run writes the same tokenizer, and with one shared name the
+  second rename found the file already moved (FileNotFoundError); pids repeat across hosts.
+  """
   path = os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  # A temporary name of this process's own: every host of a multi-host run writes the same tokenizer,
-  # and with one shared '.tmp' name the second rename found the file already moved (FileNotFoundError).
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(payload, f, ensure_ascii=True)
-  os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
+  parent = os.path.dirname(path) or '.'
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_json(path, payload: dict) -> None:
+  _atomic_write(path, json.dumps(payload, ensure_ascii=True).encode('utf-8'))
 
 
 def _read_json(path, expected_type: str | None = None) -> dict:
@@ -377,14 +390,7 @@ class SentencePieceTokenizer(_Specials):
     return ''.join(out)
 
   def save(self, path) -> None:
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-      os.makedirs(parent, exist_ok=True)
-    tmp = f'{path}.tmp.{os.getpid()}'  # per process: several hosts may save the same model
-    with open(tmp, 'wb') as f:
-      f.write(self._proto)
-    os.replace(tmp, path)
+    _atomic_write(path, self._proto)
 
   @classmethod
   def load(cls, path) -> SentencePieceTokenizer:
