@@ -36,9 +36,9 @@ from absl import logging
 from flax import nnx
 
 from lstm_attn import optim
+from lstm_attn.models.specs import model_spec
 
 LN2 = math.log(2.0)
-LM_MODELS = ('lstm_lm', 'lstm_attn', 'gpt')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,15 +92,10 @@ def classification_loss(logits, labels, weights=None):
 
 
 def objective_of(config) -> str:
-  """'cls' when the config has num_classes, 'mlm' for BERT, 'lm' for the causal models."""
+  """'cls' when the config has num_classes, else the model family's own ('lm' or 'mlm')."""
   if config.get('num_classes', None):
     return 'cls'
-  name = config.model.name
-  if name == 'bert':
-    return 'mlm'
-  if name in LM_MODELS:
-    return 'lm'
-  raise ValueError(f'config.model.name={name!r}: expected one of {LM_MODELS + ("bert",)}.')
+  return model_spec(config.model.name).objective
 
 
 def model_loss(model, batch: dict, objective: str):

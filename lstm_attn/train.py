@@ -27,8 +27,8 @@ import numpy as np
 
 from lstm_attn import checkpointing
 from lstm_attn import logging_utils as lu
+from lstm_attn.models import model_config
 from lstm_attn.steps import (  # noqa: F401  (re-exported: the trainer's public pieces)
-  LM_MODELS,
   Steps,
   build_steps,
   check_config,
@@ -344,9 +344,9 @@ def sample_text(config, inputs, steps, state, step, *, prompt: str | None = None
   if tokens.size == 0:
     tokens = np.asarray(inputs.tokenizer.encode('\n'), np.int32)
   total = int(num_tokens or config.sample_tokens)
-  window = None
-  if config.model.name == 'gpt':
-    window = int(config.model.max_len)
+  spec, model_cfg = model_config(config.model)
+  window = spec.context_window(model_cfg)  # None: the model takes any context (LSTMs)
+  if window is not None:
     tokens = tokens[-(window // 2) :]
   model = merged_model(steps, state)
   rng = jax.random.fold_in(jax.random.key(int(config.seed) + 7), step)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from lstm_attn.data import batching, classification, corpora, tokenizers
+from lstm_attn.models.specs import model_spec
 
 
 @dataclasses.dataclass
@@ -122,7 +123,7 @@ def make_inputs(config, workdir: str) -> Inputs:
   ebs = int(config.get('eval_batch_size', None) or bs)
   n_eval = int(config.get('eval_batches', 0) or 0)
   splits = ('val', 'test') if not corpus.info.get('test_is_val', False) else ('val',)
-  if config.model.name == 'bert':
+  if model_spec(config.model.name).objective == 'mlm':
     train = batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok)
     eval_docs = {s: corpus.documents(s) for s in splits}
     eval_batchers = {
@@ -172,7 +173,7 @@ def _classification(config, workdir: str) -> Inputs:
     seq_len,
     snippets_per_class=tuple(d.get('snippets_per_class', (512, 64, 64))),
     seed=seed,
-    add_cls=config.model.name == 'bert',
+    add_cls=model_spec(config.model.name).uses_cls_token,
   )
   if len(task['class_names']) != int(config.num_classes):
     raise ValueError(

@@ -266,9 +266,9 @@ def _classify(kind, graphdef, state, tokens, lengths):
   bb = model.backbone
   idx = jnp.arange(tokens.shape[0]), lengths - 1
   if kind == 'gpt':  # the last valid token of a causal run without lengths
-    expected = bb(tokens)[idx]
+    expected = bb(tokens).hidden[idx]
   elif kind == 'lstm_lm':  # the top LSTM output at the last valid step (= its final h)
-    expected = bb(tokens)[0][idx]
+    expected = bb(tokens).hidden[idx]
   elif kind == 'lstm_attn':  # the last block's LSTM output at the last valid step, block by block
     x = jnp.take(bb.embed.embedding[...], tokens, axis=0)
     for block in bb.blocks[:-1]:
@@ -276,7 +276,7 @@ def _classify(kind, graphdef, state, tokens, lengths):
     last = bb.blocks[-1]
     expected = last.lstm(last.lstm_norm(x))[0][idx]
   else:  # bert: the pooler on position 0 ([CLS])
-    expected = jnp.tanh(bb.pooler(bb(tokens, seq_lengths=lengths)[:, 0]))
+    expected = jnp.tanh(bb.pooler(bb(tokens, seq_lengths=lengths).hidden[:, 0]))
   return feats, logits, expected
 
 

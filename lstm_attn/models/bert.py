@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lstm_attn.models.common import check_sizes, check_tokens, normal_reinit
+from lstm_attn.models.common import TrunkOutput, check_sizes, check_tokens, normal_reinit
 from lstm_attn.transformer import ACTIVATIONS, TransformerBlock
 
 Array = jax.Array
@@ -66,6 +66,7 @@ class BERTTrunk(nnx.Module):
       raise ValueError(f'dropout must be in [0, 1), got {dropout!r}.')
     self.max_len, self.type_vocab_size, self.pre_norm = max_len, type_vocab_size, bool(pre_norm)
     self.word_embeddings = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
+    self.features = d_model  # the size of each hidden state the trunk returns
     self.position_embeddings = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs)
     self.token_type_embeddings = nnx.Embed(type_vocab_size, d_model, dtype=dtype, rngs=rngs)
     self.embed_norm = nnx.LayerNorm(d_model, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
@@ -94,7 +95,7 @@ class BERTTrunk(nnx.Module):
     normal_reinit(self, rngs.params(), std=0.02)
 
   def __call__(self, tokens, token_type_ids=None, *, seq_lengths=None):
-    """tokens, token_type_ids [B, T] int (types default to 0) -> hidden [B, T, d_model]."""
+    """tokens, token_type_ids [B, T] int (types default to 0) -> TrunkOutput(hidden [B, T, d_model])."""
     check_tokens(tokens, vocab_size=self.word_embeddings.num_embeddings)
     batch, seq = tokens.shape
     if seq > self.max_len:
@@ -117,7 +118,7 @@ class BERTTrunk(nnx.Module):
       x = block(x, is_causal=False, key_value_seq_lengths=seq_lengths)
     if self.final_norm is not None:
       x = self.final_norm(x)
-    return x
+    return TrunkOutput(x)
 
   def pool(self, hidden):
     """hidden [B, T, d] -> tanh(Linear(hidden[:, 0])) [B, d], the [CLS] summary."""
@@ -171,7 +172,7 @@ class BERT(nnx.Module):
 
   def encode(self, tokens, token_type_ids=None, *, seq_lengths=None):
     """Hidden states [B, T, d_model] of the encoder."""
-    return self.backbone(tokens, token_type_ids, seq_lengths=seq_lengths)
+    return self.backbone(tokens, token_type_ids, seq_lengths=seq_lengths).hidden
 
   def mlm_logits(self, hidden):
     """hidden [..., d] -> [..., vocab] float32 (transform, LayerNorm, tied decoder + bias)."""

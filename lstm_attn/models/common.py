@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,15 @@ from flax import nnx
 Array = jax.Array
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class TrunkOutput(NamedTuple):
+  """What every trunk returns: hidden [B, T, features]; the final recurrent state (an LSTMCarry, layers
+  stacked first) or None for trunks without one; the new decoding cache, or None when none was given."""
+
+  hidden: jax.Array
+  state: Any = None
+  cache: Any = None
 
 
 def parse_dtype(name, field='model.dtype'):

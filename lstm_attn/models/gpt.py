@@ -28,6 +28,7 @@ from flax import nnx
 
 from lstm_attn.attention import KVCache
 from lstm_attn.models.common import (
+  TrunkOutput,
   check_sizes,
   check_tokens,
   count_params,
@@ -88,6 +89,7 @@ class GPTTrunk(nnx.Module):
     self.num_layers, self.max_len, self.positions = num_layers, max_len, positions
     self.dtype = dtype
     self.wte = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
+    self.features = d_model  # the size of each hidden state the trunk returns
     self.wpe = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs) if positions == 'learned' else None
     self.drop = nnx.Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List(
@@ -126,7 +128,7 @@ class GPTTrunk(nnx.Module):
     return tuple(block.init_cache(batch_size, max_len, dtype) for block in self.blocks)
 
   def __call__(self, tokens, *, seq_lengths=None, segment_ids=None, positions=None, cache=None):
-    """tokens [B, T] -> hidden [B, T, d_model] (after ln_f); (hidden, new cache) when a cache is given.
+    """tokens [B, T] -> TrunkOutput(hidden [B, T, d_model] after ln_f, no state, new cache or None).
 
     seq_lengths [B]: right padding (keys past the length are hidden). segment_ids [B, T]: packed documents
     (attention stays inside a segment; positions restart at each segment). positions [B, T] or [T]
@@ -163,7 +165,7 @@ class GPTTrunk(nnx.Module):
         x, c = block(x, is_causal=True, positions=positions, cache=cache[i])
         new_cache.append(c)
     x = self.ln_f(x)
-    return x if cache is None else (x, tuple(new_cache))
+    return TrunkOutput(x, None, None if cache is None else tuple(new_cache))
 
 
 class GPT(nnx.Module):
@@ -229,13 +231,13 @@ class GPT(nnx.Module):
     return self.lm_head(h).astype(jnp.float32)
 
   def __call__(self, tokens, *, seq_lengths=None, segment_ids=None, positions=None):
-    h = self.backbone(tokens, seq_lengths=seq_lengths, segment_ids=segment_ids, positions=positions)
-    return self.logits_from_hidden(h)
+    out = self.backbone(tokens, seq_lengths=seq_lengths, segment_ids=segment_ids, positions=positions)
+    return self.logits_from_hidden(out.hidden)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> tuple[KVCache, ...]:
     return self.backbone.init_cache(batch_size, max_len, dtype)
 
   def decode(self, tokens, cache):
     """tokens [B, t] continuing the cached sequence -> (logits [B, t, V], new cache)."""
-    h, cache = self.backbone(tokens, cache=cache)
-    return self.logits_from_hidden(h), cache
+    out = self.backbone(tokens, cache=cache)
+    return self.logits_from_hidden(out.hidden), out.cache

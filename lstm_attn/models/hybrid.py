@@ -29,7 +29,14 @@ from flax import nnx
 
 from lstm_attn.attention import KVCache, MultiHeadAttention
 from lstm_attn.lstm import LSTM, LSTMCarry
-from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_sizes, check_tokens, uniform_init
+from lstm_attn.models.common import (
+  EmbeddingDropout,
+  LockedDropout,
+  TrunkOutput,
+  check_sizes,
+  check_tokens,
+  uniform_init,
+)
 
 Array = jax.Array
 
@@ -134,6 +141,7 @@ class HybridTrunk(nnx.Module):
       attn.add(int(i) % num_layers)
     self.num_layers = num_layers
     self.d_model = d_model
+    self.features = d_model  # the size of each hidden state the trunk returns
     self.attention_layers = tuple(sorted(attn))
     self.dtype = dtype
     self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
@@ -167,8 +175,9 @@ class HybridTrunk(nnx.Module):
     return HybridCache(carry, kv)
 
   def __call__(self, tokens, *, seq_lengths=None, cache: HybridCache | None = None):
-    """tokens [B, T] -> (hidden [B, T, d] after the final LayerNorm, final LSTMCarry stacked over blocks,
-    new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths unsupported)."""
+    """tokens [B, T] -> TrunkOutput(hidden [B, T, d] after the final LayerNorm, final LSTMCarry stacked over
+    blocks, new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths
+    unsupported)."""
     check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     if cache is not None and seq_lengths is not None:
       raise ValueError('seq_lengths is not supported together with a decoding cache; pass one or the other.')
@@ -189,7 +198,7 @@ class HybridTrunk(nnx.Module):
         kvs.append(new_kv)
     carry = LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
     new_cache = HybridCache(carry, tuple(kvs)) if cache is not None else None
-    return self.final_norm(x), carry, new_cache
+    return TrunkOutput(self.final_norm(x), carry, new_cache)
 
 
 class LSTMAttentionLM(nnx.Module):
@@ -234,13 +243,12 @@ class LSTMAttentionLM(nnx.Module):
     return self.decoder(h).astype(jnp.float32)
 
   def __call__(self, tokens, *, seq_lengths=None):
-    h, _, _ = self.backbone(tokens, seq_lengths=seq_lengths)
-    return self.logits_from_hidden(h)
+    return self.logits_from_hidden(self.backbone(tokens, seq_lengths=seq_lengths).hidden)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> HybridCache:
     return self.backbone.init_cache(batch_size, max_len, dtype)
 
   def decode(self, tokens, cache: HybridCache):
     """tokens [B, t] continuing the cached sequence -> (logits [B, t, V], new cache)."""
-    h, _, cache = self.backbone(tokens, cache=cache)
-    return self.logits_from_hidden(h), cache
+    out = self.backbone(tokens, cache=cache)
+    return self.logits_from_hidden(out.hidden), out.cache

@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lstm_attn.lstm import LSTM, LSTMCarry
-from lstm_attn.models.common import EmbeddingDropout, LockedDropout, check_sizes, check_tokens, uniform_init
+from lstm_attn.models.common import (
+  EmbeddingDropout,
+  LockedDropout,
+  TrunkOutput,
+  check_sizes,
+  check_tokens,
+  uniform_init,
+)
 
 Array = jax.Array
 
@@ -65,6 +72,7 @@ class LSTMTrunk(nnx.Module):
     self.num_layers = num_layers
     self.hidden_size = hidden_size
     self.width = proj_size or hidden_size
+    self.features = self.width  # the size of each hidden state the trunk returns
     self.dtype = dtype
     self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
     self.embed_dropout = EmbeddingDropout(embed_dropout, rngs=rngs)
@@ -86,8 +94,8 @@ class LSTMTrunk(nnx.Module):
 
   def __call__(
     self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None
-  ) -> tuple[Array, LSTMCarry]:
-    """tokens [B, T] int -> (outputs [B, T, width], final carry with layers stacked first).
+  ) -> TrunkOutput:
+    """tokens [B, T] int -> TrunkOutput(outputs [B, T, width], final carry with layers stacked first).
 
     With seq_lengths [B], the final carry of row b is the state after its last valid token and outputs at
     padded steps are whatever the LSTM module gives there (zeros); carry=None starts from zeros.
@@ -105,7 +113,7 @@ class LSTMTrunk(nnx.Module):
       hs.append(final.h)
       cs.append(final.c)
       x = self.hidden_dropout(x) if i < self.num_layers - 1 else self.output_dropout(x)
-    return x, LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
+    return TrunkOutput(x, LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0)))
 
 
 class LSTMLM(nnx.Module):
@@ -163,8 +171,8 @@ class LSTMLM(nnx.Module):
     self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None
   ) -> tuple[Array, LSTMCarry]:
     """(logits [B, T, vocab], final carry). Feeding the carry back continues the sequence exactly."""
-    h, carry = self.backbone(tokens, seq_lengths=seq_lengths, carry=carry)
-    return self.logits_from_hidden(h), carry
+    out = self.backbone(tokens, seq_lengths=seq_lengths, carry=carry)
+    return self.logits_from_hidden(out.hidden), out.state
 
   def __call__(
     self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None

@@ -1,0 +1,202 @@
+"""One spec per model family: its config dataclass (the one source of its hyperparameters' defaults and
+checks), its LM class, and what the trainer, the inputs, the heads and sampling need to know about it.
+
+    spec = model_spec('gpt')        # ModelSpec(name='gpt', config=GPTConfig, lm=GPT, objective='lm', ...)
+    cfg = spec.config(d_model=64)   # GPTConfig, checked once in __post_init__ (errors name the field)
+
+Nothing outside this module compares `config.model.name` with a family's name: ask the spec instead
+(`objective`, `carries_state`, `uses_cls_token`, `context_window(cfg)`, `default_pooling`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from lstm_attn.models.bert import BERT
+from lstm_attn.models.gpt import GPT
+from lstm_attn.models.hybrid import LSTMAttentionLM
+from lstm_attn.models.lstm_lm import LSTMLM
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+# A field's annotation -> (check, what the error says it must be).
+_KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
+  'int': (_is_int, 'an int'),
+  'int | None': (lambda v: v is None or _is_int(v), 'an int or None'),
+  'float': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), 'a float'),
+  'bool': (lambda v: isinstance(v, bool), 'a bool'),
+  'str': (lambda v: isinstance(v, str), 'a str'),
+  'str | None': (lambda v: v is None or isinstance(v, str), 'a str or None'),
+  'tuple[int, ...]': (
+    lambda v: isinstance(v, (tuple, list)) and all(_is_int(x) for x in v),
+    'a tuple of ints',
+  ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Fields every family has. `dtype`: compute dtype (params stay float32). `pooling` and
+  `classifier_dropout` are used when the config has num_classes (None: the family's default pooling)."""
+
+  dtype: str | None = 'float32'
+  pooling: str | None = None
+  classifier_dropout: float = 0.0
+
+  def __post_init__(self):  # the one check of config.model's types; values are checked by the model
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      check, what = _KINDS[field.type]
+      if not check(value):
+        raise ValueError(f'config.model.{field.name} must be {what}, got {value!r}.')
+      if field.type == 'tuple[int, ...]':
+        object.__setattr__(self, field.name, tuple(value))
+
+  def model_kwargs(self) -> dict:
+    """The LM constructor's keywords: every family field (attention_impl is passed as implementation)."""
+    common = {f.name for f in dataclasses.fields(ModelConfig)}
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
+    if 'attention_impl' in kwargs:
+      kwargs['implementation'] = kwargs.pop('attention_impl')
+    return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMLMConfig(ModelConfig):
+  """AWD-LSTM-style LM. proj_size 0: no LSTMP projection; dropouts are locked (one mask per sequence)."""
+
+  embed_dim: int = 128
+  hidden_size: int = 256
+  num_layers: int = 2
+  proj_size: int = 0
+  tie_embeddings: bool = True
+  embed_dropout: float = 0.0
+  input_dropout: float = 0.0
+  hidden_dropout: float = 0.0
+  output_dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig(ModelConfig):
+  """SHA-RNN-style LSTM + attention. attention_layers: python indices of the blocks that also attend."""
+
+  d_model: int = 256
+  num_layers: int = 2
+  attention_layers: tuple[int, ...] = (-1,)
+  num_heads: int = 1
+  boom_hidden: int = 0
+  dropout: float = 0.0
+  embed_dropout: float = 0.0
+  tie_embeddings: bool = True
+  attention_impl: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig(ModelConfig):
+  """nanoGPT layout. num_kv_heads None: = num_heads; mlp_hidden None: 4 * d_model."""
+
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  mlp_hidden: int | None = None
+  max_len: int = 256
+  positions: str = 'learned'
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  activation: str = 'gelu_tanh'
+  use_bias: bool = True
+  attention_impl: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BERTConfig(ModelConfig):
+  """BERT encoder (MLM + NSP). mlp_hidden None: 4 * d_model; post-LN unless pre_norm."""
+
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_hidden: int | None = None
+  max_len: int = 256
+  type_vocab_size: int = 2
+  dropout: float = 0.1
+  pre_norm: bool = False
+  activation: str = 'gelu'
+  norm_epsilon: float = 1e-12
+  attention_impl: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A model family: what everything outside lstm_attn.models needs to know about it.
+
+  objective: 'lm' (next-token) or 'mlm' (masked LM + next-sentence prediction), for the trainer.
+  poolings: the classifier poolings it supports; default_pooling, when config.model.pooling is None.
+  carries_state: its trunk returns a recurrent state (LSTM carries) that can be carried across batches.
+  uses_cls_token: its inputs start with [CLS] (the classification task adds it).
+  context_window: the longest context it attends to (None: unbounded), given its config.
+  """
+
+  name: str
+  config: type[ModelConfig]
+  lm: type
+  objective: str
+  poolings: tuple[str, ...]
+  default_pooling: str
+  carries_state: bool = False
+  uses_cls_token: bool = False
+  context_window: Callable[[ModelConfig], int | None] = lambda cfg: None
+
+
+MODEL_SPECS = {
+  spec.name: spec
+  for spec in (
+    ModelSpec(
+      'lstm_lm',
+      LSTMLMConfig,
+      LSTMLM,
+      objective='lm',
+      poolings=('final_state', 'last', 'mean'),
+      default_pooling='final_state',
+      carries_state=True,
+    ),
+    ModelSpec(
+      'lstm_attn',
+      HybridConfig,
+      LSTMAttentionLM,
+      objective='lm',
+      poolings=('final_state', 'last', 'mean'),
+      default_pooling='final_state',
+      carries_state=True,
+    ),
+    ModelSpec(
+      'gpt',
+      GPTConfig,
+      GPT,
+      objective='lm',
+      poolings=('last', 'mean'),
+      default_pooling='last',
+      context_window=lambda cfg: cfg.max_len,
+    ),
+    ModelSpec(
+      'bert',
+      BERTConfig,
+      BERT,
+      objective='mlm',
+      poolings=('cls', 'last', 'mean'),
+      default_pooling='cls',
+      uses_cls_token=True,
+    ),
+  )
+}
+
+
+def model_spec(name) -> ModelSpec:
+  """The spec of `config.model.name`; a ValueError naming the choices otherwise."""
+  if name not in MODEL_SPECS:
+    raise ValueError(f'config.model.name must be one of {sorted(MODEL_SPECS)}, got {name!r}.')
+  return MODEL_SPECS[name]
