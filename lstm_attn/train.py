@@ -469,6 +469,27 @@ def _compare_from_scratch(config, workdir, summary) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Config.
 # ---------------------------------------------------------------------------------------------------
+def tiny_shakespeare_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """gpt_char's data and token budget, shared by the character-level tiny-Shakespeare configs.
+
+  The text is required (`--config.data.path`; no default corpus stands in for it), character tokens,
+  context 64, batch 12, 2000 steps: 1.5M training characters (nanoGPT's CPU "baby GPT" budget), evaluated
+  on the whole val split every 500 steps, with 300-character samples.
+  """
+  c.data.required = True
+  c.data.tokenizer = 'char'
+  c.data.seq_len = 64
+  c.batch_size = 12
+  c.num_train_steps = 2000
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.eval_batch_size = 64
+  c.eval_batches = 0  # the whole val split
+  c.sample_tokens = 300
+  return c
+
+
 def base_config(model_name: str) -> ml_collections.ConfigDict:
   """Every trainer field with its default; experiment configs (experiments/configs/*.py) override some.
 

@@ -10,23 +10,12 @@ from lstm_attn.train import base_config
 
 
 def get_config():
-  c = base_config('bert')
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
+  c = base_config('bert')  # width 128, 4 layers, 4 heads, dropout 0.1 (BERTConfig)
   c.model.max_len = 128
-  c.model.dropout = 0.1
-  c.data.tokenizer = 'byte'
-  c.data.seq_len = 128
   c.data.max_bytes = 4_000_000
   c.batch_size = 32
   c.num_train_steps = 1500
-  c.optim.learning_rate = 1e-3
-  c.optim.min_learning_rate = 1e-4
-  c.optim.warmup_steps = 100
-  c.optim.b2 = 0.99
   c.optim.weight_decay = 0.01
-  c.log_every = 50
   c.eval_every = 500
   c.checkpoint_every = 500
   c.eval_batches = 10

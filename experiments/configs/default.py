@@ -13,26 +13,16 @@ from lstm_attn.train import base_config
 
 
 def get_config():
-  c = base_config('gpt')
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
+  c = base_config('gpt')  # width 128, 4 layers, 4 heads (GPTConfig); lr 1e-3 -> 1e-4 after 100 warmup
   c.model.max_len = 128
   c.model.positions = 'rotary'
-  c.model.dropout = 0.0
-  c.data.tokenizer = 'byte'
-  c.data.seq_len = 128
   c.data.max_bytes = 8_000_000
-  c.batch_size = 16
   c.num_train_steps = 1500
   c.optim.learning_rate = 2e-3
   c.optim.min_learning_rate = 2e-4
-  c.optim.warmup_steps = 100
-  c.log_every = 50
   c.eval_every = 500
   c.checkpoint_every = 500
   c.eval_batch_size = 64
-  c.eval_batches = 20
   c.sample_tokens = 300
   c.sampling.prompt = 'def '
   return c

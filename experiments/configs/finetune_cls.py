@@ -17,17 +17,11 @@ from lstm_attn.train import base_config
 
 
 def get_config():
-  c = base_config('bert')
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
+  c = base_config('bert')  # the bert_mlm encoder: width 128, 4 layers, 4 heads, dropout 0.1
   c.model.max_len = 128
-  c.model.dropout = 0.1
   c.num_classes = 10
-  c.init_from = '/tmp/lstm_attn/bert_mlm'
+  c.init_from = '/tmp/lstm_attn/bert_mlm'  # the pretraining command's workdir (see the docstring)
   c.compare_from_scratch = True
-  c.data.tokenizer = 'byte'
-  c.data.seq_len = 128
   c.data.snippets_per_class = (256, 64, 64)
   c.batch_size = 32
   c.num_train_steps = 300
@@ -35,7 +29,6 @@ def get_config():
   c.optim.min_learning_rate = 3e-5
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.01
-  c.log_every = 50
   c.eval_every = 150
   c.checkpoint_every = 150
   c.sample_tokens = 0

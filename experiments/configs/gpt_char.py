@@ -17,37 +17,17 @@ with learned positions, nanoGPT's model (BUILD_NOTES.md, "gpt_char: rotary posit
 exact model add `--config.model.positions=learned`.
 """
 
-from lstm_attn.train import base_config
+from lstm_attn.train import base_config, tiny_shakespeare_budget
 
 
 def get_config():
-  c = base_config('gpt')
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
+  # Model defaults (GPTConfig): width 128, 4 layers, 4 heads, dropout 0, tied embeddings; the optimizer
+  # defaults are nanoGPT's (lr 1e-3 -> 1e-4, 100 warmup steps, beta2 0.99, weight decay 0.1, clip 1.0).
+  c = tiny_shakespeare_budget(base_config('gpt'))
   c.model.max_len = 64
   c.model.positions = 'rotary'  # nanoGPT: 'learned' (see the docstring)
-  c.model.dropout = 0.0
   c.model.activation = 'gelu'  # nanoGPT's nn.GELU() (exact)
   c.model.use_bias = False  # nanoGPT's bias=False: no biases in Linears and LayerNorms
-  c.data.path = ''
-  c.data.required = True
-  c.data.tokenizer = 'char'
-  c.data.seq_len = 64
-  c.batch_size = 12
-  c.num_train_steps = 2000
-  c.optim.learning_rate = 1e-3
-  c.optim.min_learning_rate = 1e-4
-  c.optim.warmup_steps = 100
-  c.optim.b2 = 0.99
-  c.optim.weight_decay = 0.1
   c.optim.decay_embeddings = True  # nanoGPT decays every >= 2-D parameter, its tied embedding included
-  c.optim.grad_clip_norm = 1.0
   c.cpu_ynn_fusion = 'dots'  # XLA:CPU: YNNPACK for matmuls only, 0.95x step time here (lstm_attn.steps)
-  c.log_every = 100
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.eval_batch_size = 64
-  c.eval_batches = 0  # the whole val split (nanoGPT estimates from 20-200 random batches)
-  c.sample_tokens = 300
   return c

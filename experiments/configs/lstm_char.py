@@ -8,30 +8,12 @@
 comparison is on the same text; no default corpus stands in for it).
 """
 
-from lstm_attn.train import base_config
+from lstm_attn.train import base_config, tiny_shakespeare_budget
 
 
 def get_config():
-  c = base_config('lstm_lm')
-  c.model.embed_dim = 128
-  c.model.hidden_size = 256
-  c.model.num_layers = 2
-  c.model.tie_embeddings = True
-  c.data.path = ''
-  c.data.required = True
-  c.data.tokenizer = 'char'
-  c.data.seq_len = 64
-  c.batch_size = 12
-  c.num_train_steps = 2000
+  # Model defaults (models/specs.py LSTMLMConfig): embedding 128, two tied LSTM layers of 256.
+  c = tiny_shakespeare_budget(base_config('lstm_lm'))
   c.optim.learning_rate = 2e-3
   c.optim.min_learning_rate = 2e-4
-  c.optim.warmup_steps = 100
-  c.optim.b2 = 0.99
-  c.optim.weight_decay = 0.1
-  c.log_every = 100
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.eval_batch_size = 64
-  c.eval_batches = 0
-  c.sample_tokens = 300
   return c
