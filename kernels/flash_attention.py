@@ -142,17 +142,16 @@ def flash_attention_from_spec(
   # float32 at head_dim > 128 compiled (its tiles do not fit in shared memory; see its error) with the
   # default tiles, and, when no backend was named, head_dim > 256 (which the TPU kernel takes).
   head_dim = query.shape[-1]
-  triton_takes = {
-    False: flash_attention_triton.compiles_for(head_dim, query.dtype) or block_sizes is not None,  # compiled
-    True: True,  # interpreted
-  }
-  if backend is None and head_dim > flash_attention_triton.MAX_HEAD_DIM:
-    triton_takes = {False: False, True: False}
+  too_wide = backend is None and head_dim > flash_attention_triton.MAX_HEAD_DIM
+  compiled_fits = flash_attention_triton.compiles_for(head_dim, query.dtype) or block_sizes is not None
+
+  def triton_takes(interpret: bool) -> bool:
+    return not too_wide and (interpret or compiled_fits)
 
   def branch(kernel_backend, interpret):
     def run(query, key, value, arrays):
       branch_spec = dataclasses.replace(spec, **arrays)  # the operands, not the closed-over arrays
-      if kernel_backend == 'gpu' and not triton_takes[interpret]:
+      if kernel_backend == 'gpu' and not triton_takes(interpret):
         from lstm_attn.kernels.chunked_attention import chunked_attention_from_spec
 
         return chunked_attention_from_spec(query, key, value, scale, branch_spec)
