@@ -26,7 +26,7 @@ def main(argv):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  from lstm_attn.logging_utils import read_metrics
+  from lstm_attn.training.metrics import read_metrics
 
   fig, (ax_loss, ax_bits) = plt.subplots(1, 2, figsize=(12, 4.5))
   any_bits = False

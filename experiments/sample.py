@@ -3,13 +3,21 @@ r"""Load a checkpoint of a training run and generate text.
     python experiments/sample.py --workdir=/tmp/lstm_attn/gpt_char --prompt='ROMEO:' --num_tokens=500
 
 Uses the run's own config and tokenizer (saved in the checkpoint and the workdir), the latest checkpoint
-(or `--step`, e.g. the best one), and lstm_attn.generate (cached decoding; temperature, top-k, top-p).
+(or `--step`, or `--best`: the lowest eval loss), and lstm_attn.generate (cached decoding; temperature,
+top-k, top-p). The checkpoints are opened read-only: sampling beside a live trainer changes nothing.
 """
 
 import json
 import os
 
+import jax
 from absl import app, flags
+
+from lstm_attn.data.tokenizers import load_tokenizer
+from lstm_attn.models import build_model, model_config
+from lstm_attn.training import build_steps, checkpointing, sample_text
+from lstm_attn.training.config import complete_config
+from lstm_attn.training.steps import objective_of
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (experiments/train.py).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest; see --best).')
@@ -26,45 +34,37 @@ flags.mark_flag_as_required('workdir')
 
 def main(argv):
   del argv
-  import ml_collections
-
-  from lstm_attn import checkpointing, train
-  from lstm_attn.data.tokenizers import load_tokenizer
-  from lstm_attn.models import build_model
-
   ckpt_dir = os.path.join(_WORKDIR.value, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'--workdir={_WORKDIR.value!r} has no checkpoints/ folder: is it a training run?')
-  ck = checkpointing.Checkpointer(ckpt_dir)
+  ck = checkpointing.Checkpointer(ckpt_dir, read_only=True)
   step = _STEP.value if _STEP.value is not None else (ck.best_step() if _BEST.value else ck.latest_step())
   if step is None or step not in ck.all_steps():
     raise ValueError(f'--step={step}: not a checkpoint of {ckpt_dir}; available steps: {ck.all_steps()}')
   meta = ck.restore_meta(step)
-  config = ml_collections.ConfigDict(meta['config'])
-  if train.objective_of(config) != 'lm':
+  config = complete_config(meta['config'])
+  if objective_of(config) != 'lm':
     raise ValueError(
       f'the run in {_WORKDIR.value!r} trained a {config.model.name!r} model that cannot generate.'
     )
   tokenizer = load_tokenizer(meta['tokenizer'])
-  steps, _, _, _, abstract = train.build_steps(
-    config, lambda r: build_model(config, vocab_size=tokenizer.vocab_size, rngs=r), seed=int(config.seed)
-  )
-  state, _ = ck.restore(step, abstract)
+  steps = build_steps(config, lambda r: build_model(config, vocab_size=tokenizer.vocab_size, rngs=r))
+  state, _ = ck.restore(step, steps.abstract_state)
   ck.close()
-  config.sampling.temperature = _TEMP.value
-  config.sampling.top_k = _TOP_K.value
-  config.sampling.top_p = _TOP_P.value
-  config.seed = _SEED.value
-
-  class _Inputs:  # what train.sample_text needs
-    pass
-
-  inputs = _Inputs()
-  inputs.tokenizer = tokenizer
+  spec, model_cfg = model_config(config.model)
+  model = steps.model(state)
   print(json.dumps({'workdir': _WORKDIR.value, 'step': step, 'model': config.model.name}))
   for i in range(_NUM_SAMPLES.value):
-    text = train.sample_text(
-      config, inputs, steps, state, step + i, prompt=_PROMPT.value, num_tokens=_NUM.value
+    text = sample_text(
+      model,
+      tokenizer,
+      rng=jax.random.fold_in(jax.random.key(_SEED.value), i),
+      num_tokens=_NUM.value,
+      prompt=_PROMPT.value,
+      context_window=spec.context_window(model_cfg),
+      temperature=_TEMP.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
     )
     print(f'--- sample {i} ---\n{text}')
 

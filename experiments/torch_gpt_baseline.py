@@ -6,14 +6,14 @@ r"""PyTorch eager GPT of the same shape as gpt_char, for the quality and speed c
 1. Correctness first: the torch model, loaded with the JAX model's initial parameters, gives the same
    logits (relative L2 error printed; must be < 1e-5 in float32).
 2. Speed, side by side: R rounds, each timing `--block` train steps of torch, then `--block` steps of the
-   jitted JAX step (from `lstm_attn.train.build_steps`, the trainer's own), on the same batches. Medians of
+   jitted JAX step (from `lstm_attn.training.build_steps`, the trainer's own), on the same batches. Medians of
    per-step times per framework and the median of per-round ratios are reported, so machine load hits both
    alike. Both use every core by default; `--threads=1` asks for one thread each (XLA still runs some
    loops on 2 threads: prefix `taskset -c 0` for a true single core). `--frameworks=torch|jax` times one
    framework only, to compare them in separate processes (run the script once per framework).
 3. Quality (`--train_steps`, default 2000): trains the torch model with the same recipe (AdamW with
-   lstm_attn.optim's decay mask, warmup + cosine, clipping 1.0, same batches) and evaluates the whole
-   val split as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
+   lstm_attn.training.optimizer's decay mask, warmup + cosine, clipping 1.0, same batches) and evaluates
+   the whole val split as lstm_attn does; prints val loss, to set next to `experiments/configs/gpt_char.py`'s.
 
 The architecture is lstm_attn's GPT as the config sets it: rotary (gpt_char) or learned positions
 (`--positions=learned`, nanoGPT's), pre-LN blocks (biases as `config.model.use_bias`;
@@ -160,7 +160,7 @@ def _load_jax_params(model, params):
 def _torch_optimizer(model, c):
   import torch
 
-  def decays(name, p):  # as lstm_attn.optim.decay_mask
+  def decays(name, p):  # as lstm_attn.training.optimizer.decay_mask
     is_embedding = 'wte' in name or 'wpe' in name
     return p.dim() >= 2 and (c.optim.get('decay_embeddings', False) or not is_embedding)
 
@@ -200,8 +200,9 @@ def main(argv):
   import torch
   import torch.nn.functional as F
 
-  from lstm_attn import train, train_inputs
   from lstm_attn.models import build_model
+  from lstm_attn.training import build_steps
+  from lstm_attn.training import inputs as train_inputs
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -211,16 +212,15 @@ def main(argv):
   atexit.register(shutil.rmtree, workdir, ignore_errors=True)
   inputs = train_inputs.make_inputs(c, workdir)
   vocab = inputs.vocab_size
-  steps, init, jax_step, _, _ = train.build_steps(
-    c, lambda r: build_model(c, vocab_size=vocab, rngs=r), seed=0
-  )
-  state = init()
+  steps = build_steps(c, lambda r: build_model(c, vocab_size=vocab, rngs=r))
+  jax_step = steps.train_step
+  state = steps.init()
 
   # 1. Correctness: same parameters -> same logits.
   model = _torch_model(vocab, c)
   _load_jax_params(model, jax.device_get(state['params']))
   batch = inputs.train.batch(0)
-  jax_logits = np.asarray(train.merged_model(steps, state)(jnp.asarray(batch['inputs'])))
+  jax_logits = np.asarray(steps.model(state)(jnp.asarray(batch['inputs'])))
   with torch.no_grad():
     torch_logits = model(torch.tensor(batch['inputs'], dtype=torch.long)).numpy()
   err = float(np.linalg.norm(torch_logits - jax_logits) / np.linalg.norm(jax_logits))
@@ -303,7 +303,7 @@ def main(argv):
   # 3. Quality: train the torch model with the same recipe and batches.
   if _TRAIN.value:
     model = _torch_model(vocab, c)
-    _load_jax_params(model, jax.device_get(init()['params']))  # same initial parameters as lstm_attn
+    _load_jax_params(model, jax.device_get(steps.init()['params']))  # same initial parameters as lstm_attn
     opt, lr_at = _torch_optimizer(model, c)
     t0 = time.perf_counter()
     for s in range(_TRAIN.value):

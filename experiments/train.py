@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lstm_attn.training import CheckpointError, TrainingDiverged, train_and_evaluate
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file(
   'config', default=_DEFAULT_CONFIG, help_string='Experiment config file.'
@@ -30,9 +32,6 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (config fields go as --config.field=value).')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 shows them
-  from lstm_attn.checkpointing import CheckpointError
-  from lstm_attn.train import TrainingDiverged, train_and_evaluate
-
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError) as e:

@@ -4,7 +4,7 @@
 
 The device count must be fixed before JAX starts, hence a separate process. Writes OUT_DIR/results.json:
 {check name: {'ok': bool, 'detail': str, ...numbers}}; the test file asserts on each entry. Checks:
-  equivalence   the trainer's jitted step (lstm_attn.train.build_steps) on a 2x4 mesh with FSDP and on an
+  equivalence   the trainer's jitted step (lstm_attn.training.build_steps) on a 2x4 mesh with FSDP and on an
                 8x1 mesh gives the same losses and params as one device on the same global batches.
   fsdp_layout   on 2x4, big parameters and their Adam moments are split 4 ways over 'fsdp'.
   attention     shard_attention over the Pallas kernel (interpret mode) and the chunked kernel, batch and
@@ -29,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
 
-from lstm_attn import sharding  # noqa: E402
+from lstm_attn.attention import attention_batch_axes, per_shard_attention, shard_attention  # noqa: E402
+from lstm_attn.training import sharding  # noqa: E402
 
 VOCAB, SEQ, BATCH, STEPS = 67, 17, 16, 3
 
@@ -55,7 +56,7 @@ def tree_rel_err(a, b) -> float:
 
 
 def tiny_config():
-  from lstm_attn.train import base_config
+  from lstm_attn.training import base_config
 
   c = base_config('gpt')
   c.model.update(d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, max_len=32, dropout=0.0)
@@ -78,13 +79,14 @@ def batches():
 def train(config, mesh):
   """STEPS steps of the trainer's own jitted step; returns (losses, final state, abstract state)."""
   from lstm_attn.models import build_model
-  from lstm_attn.train import build_steps
+  from lstm_attn.training import build_steps
 
   def model_fn(rngs):
     return build_model(config, vocab_size=VOCAB, rngs=rngs)
 
-  _, init, train_step, _, abstract = build_steps(config, model_fn, seed=0, mesh=mesh)
-  state = init()
+  steps = build_steps(config, model_fn, mesh=mesh)
+  train_step, abstract = steps.train_step, steps.abstract_state
+  state = steps.init()
   losses = []
   for b in batches():
     if mesh is not None:
@@ -173,7 +175,7 @@ def check_attention(results):
     return reference.mha_reference(q, k, v, is_causal=True, key_value_seq_lengths=lengths, segment_ids=seg)
 
   for name, case in cases.items():
-    fn = sharding.shard_attention(
+    fn = shard_attention(
       lambda q, k, v, impl=case['impl'], **kw: dot_product_attention(q, k, v, implementation=impl, **kw),
       mesh,
       batch_axes=case['batch_axes'],
@@ -201,27 +203,30 @@ def check_attention(results):
       'grad_rel_errs': grad_errs,
       'detail': f'{name}: output rel err {out_err:.2e}, grads {grad_errs}',
     }
-  # per_shard_attention: under jax.set_mesh the kernel is traced once per shard ([8/8, ...] rows) inside
-  # a jitted function whose inputs are split over the mesh; without a mesh it sees the whole batch.
+  # per_shard_attention: under jax.set_mesh, with the batch axes declared, the kernel is traced once per
+  # shard ([8/8, ...] rows) inside a jitted function whose inputs are split over the mesh; without the
+  # declaration it sees the whole batch.
   seen = []
 
   def kernel(q, k, v, **kw):
     seen.append(q.shape[0])
     return dot_product_attention(q, k, v, implementation='pallas', **kw)
 
-  step = jax.jit(lambda q, k, v: sharding.per_shard_attention(kernel)(q, k, v, is_causal=True))
+  step = jax.jit(lambda q, k, v: per_shard_attention(kernel)(q, k, v, is_causal=True))
   q8, k8 = jnp.concatenate([q] * 2), jnp.concatenate([k] * 2)
   q8 = jax.device_put(q8, sharding.batch_sharding(mesh))
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), attention_batch_axes(sharding.MESH_AXES):
     got = step(q8, k8, k8)
+  with jax.set_mesh(mesh):  # no declared batch axes: called as is (a fresh trace: another shape)
+    jax.jit(lambda q, k, v: per_shard_attention(kernel)(q, k, v, is_causal=True))(q8[:4], k8[:4], k8[:4])
   ref8 = reference.mha_reference(q8, k8, k8, is_causal=True)
   err = rel_err(got, ref8)
   results['attention_per_shard_under_mesh'] = {
-    'ok': err <= 1e-5 and seen == [1],
-    'detail': f'kernel traced with batch {seen} (want [1]); rel err {err:.2e}',
+    'ok': err <= 1e-5 and seen == [1, 4],
+    'detail': f'kernel traced with batch {seen} (want [1, 4]); rel err {err:.2e}',
   }
   # Heads that the head axis does not divide are a ValueError naming them (not a shard_map trace error).
-  fn = sharding.shard_attention(dot_product_attention, mesh, batch_axes=('data',), head_axis='fsdp')
+  fn = shard_attention(dot_product_attention, mesh, batch_axes=('data',), head_axis='fsdp')
   try:
     fn(q[:, :, :6], k[:, :, :3], v[:, :, :3])
     message = 'no error'
@@ -231,7 +236,7 @@ def check_attention(results):
 
 
 def check_restore(results, store):
-  from lstm_attn import checkpointing
+  from lstm_attn.training import checkpointing
 
   state, abstract, mesh = store['2x4']
   expected = jax.device_get(state)

@@ -3,7 +3,7 @@
     python tests/_dist_train.py PROCESS_ID NUM_PROCESSES PORT WORKDIR FSDP
 
 Each process has 4 CPU devices; with 2 processes the ('data', 'fsdp') mesh spans 8 devices in two
-processes (fsdp=FSDP, data=-1). The run is `lstm_attn.train.train_and_evaluate` itself on the tiny GPT of
+processes (fsdp=FSDP, data=-1). The run is `lstm_attn.training.train_and_evaluate` itself on the tiny GPT of
 tests/train_tiny.py: jax.distributed from config.distributed, each process feeding its own rows of every
 batch, sharded checkpoints in WORKDIR (resumed from when present). Prints `RESULT {json}` at the end.
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_tiny import tiny_config  # noqa: E402
 
-from lstm_attn.train import train_and_evaluate  # noqa: E402
+from lstm_attn.training import train_and_evaluate  # noqa: E402
 
 STEPS = 6
 

@@ -1,4 +1,5 @@
-"""lstm_attn.checkpointing: exact round trips (typed RNG keys included), retention, broken checkpoints."""
+"""lstm_attn.training.checkpointing: exact round trips (typed RNG keys included), retention, broken
+checkpoints."""
 
 import os
 
@@ -9,8 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from lstm_attn import checkpointing, optim
-from lstm_attn.train import transfer_params
+from lstm_attn.training import checkpointing
+from lstm_attn.training import optimizer as optim
+from lstm_attn.training.transfer import transfer_params
 
 
 class _Tiny(nnx.Module):
@@ -196,14 +198,11 @@ def test_decay_mask_skips_biases_norms_embeddings():
 
 
 def test_schedule_warmup_cosine_floor():
-  import ml_collections
+  from lstm_attn.training import base_config, check_config
 
-  c = ml_collections.ConfigDict(
-    {
-      'num_train_steps': 2000,
-      'optim': {'learning_rate': 1e-3, 'min_learning_rate': 1e-4, 'warmup_steps': 100},
-    }
-  )
+  c = base_config('gpt')
+  c.num_train_steps = 2000
+  c.optim.update({'learning_rate': 1e-3, 'min_learning_rate': 1e-4, 'warmup_steps': 100})
   lr = optim.learning_rate_schedule(c)
   assert float(lr(0)) == 0.0
   np.testing.assert_allclose(float(lr(50)), 5e-4, rtol=1e-6)
@@ -211,6 +210,8 @@ def test_schedule_warmup_cosine_floor():
   np.testing.assert_allclose(float(lr(1050)), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-5)  # cosine midpoint
   np.testing.assert_allclose(float(lr(2000)), 1e-4, rtol=1e-6)
   np.testing.assert_allclose(float(lr(5000)), 1e-4, rtol=1e-6)
-  c.optim.learning_rate = -1.0
-  with pytest.raises(ValueError, match='learning_rate'):
-    optim.learning_rate_schedule(c)
+  for field, bad in (('learning_rate', -1.0), ('learning_rate', float('inf')), ('b2', 1.5), ('eps', 0.0)):
+    c.optim[field], good = bad, c.optim[field]
+    with pytest.raises(ValueError, match=f'config.optim.{field}={bad!r}'):
+      check_config(c)
+    c.optim[field] = good

@@ -94,7 +94,7 @@ def reference_losses(tmp_path_factory):
   sys.path.insert(0, HERE)
   import jax
 
-  from lstm_attn.train import train_and_evaluate
+  from lstm_attn.training import train_and_evaluate
 
   if jax.default_backend() != 'cpu' or jax.device_count() != 1:
     pytest.skip('the reference run needs a single-CPU-device pytest process (the two processes run on CPU)')

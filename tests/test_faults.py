@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from train_tiny import REPO, TINY_FLAGS, compilation_cache, config_from_flags, final_params, train_losses
 
-from lstm_attn import train
+from lstm_attn import training as train
 
 STEPS = 40
 RUN_FLAGS = TINY_FLAGS + [

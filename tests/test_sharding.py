@@ -1,6 +1,7 @@
-"""Tests of lstm_attn.sharding: the FSDP rule, mesh and config errors, and (in a subprocess with 8 host
-CPU devices, tests/_dist_sharding.py) equivalence of sharded and single-device training, the FSDP layout,
-shard_attention vs the reference, and Orbax restores onto other meshes."""
+"""Tests of lstm_attn.training.sharding and lstm_attn.attention.sharded: the FSDP rule, mesh and config
+errors, and (in a subprocess with 8 host CPU devices, tests/_dist_sharding.py) equivalence of sharded
+and single-device training, the FSDP layout, shard_attention vs the reference, and Orbax restores onto
+other meshes."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from lstm_attn import sharding
+from lstm_attn.attention import shard_attention
+from lstm_attn.training import base_config, check_config, sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,22 +75,22 @@ def test_make_mesh_bad_sizes_name_the_device_count():
 
 
 @pytest.mark.parametrize(
-  'mesh_cfg, match',
-  [({'data': '2'}, "mesh.data='2'"), ({'fsdp': 1.5}, 'mesh.fsdp=1.5'), ({'fsdp': True}, 'mesh.fsdp=True')],
+  'field, value, match',
+  [
+    ('data', 0, 'config.mesh.data=0'),
+    ('fsdp', 0, 'config.mesh.fsdp=0'),
+    ('fsdp_min_size', -1, 'config.mesh.fsdp_min_size=-1'),
+  ],
 )
-def test_mesh_from_config_bad_types(mesh_cfg, match):
-  config = ml_collections.ConfigDict({'mesh': mesh_cfg})
+def test_mesh_config_is_checked(field, value, match):
+  config = base_config('gpt')
+  config.mesh[field] = value
   with pytest.raises(ValueError, match=match):
-    sharding.mesh_from_config(config)
+    check_config(config)
 
 
-def test_mesh_from_config_and_min_size():
-  config = ml_collections.ConfigDict({'mesh': {'data': -1, 'fsdp': 1, 'fsdp_min_size': 7}})
-  assert sharding.mesh_from_config(config).shape['fsdp'] == 1
-  assert sharding.fsdp_min_size(config) == 7
-  assert sharding.fsdp_min_size(ml_collections.ConfigDict()) == 2**14
-  with pytest.raises(ValueError, match='mesh.fsdp_min_size=-1'):
-    sharding.fsdp_min_size(ml_collections.ConfigDict({'mesh': {'fsdp_min_size': -1}}))
+def test_mesh_from_config():
+  assert sharding.mesh_from_config(base_config('gpt')).shape['fsdp'] == 1
 
 
 def test_check_global_batch():
@@ -153,7 +155,7 @@ def test_maybe_initialize_distributed_bad(monkeypatch, dist, env, match):
 def test_shard_attention_rejects_shared_axis():
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="head_axis='fsdp' is also in batch_axes"):
-    sharding.shard_attention(lambda q, k, v: q, mesh, batch_axes=('data', 'fsdp'), head_axis='fsdp')
+    shard_attention(lambda q, k, v: q, mesh, batch_axes=('data', 'fsdp'), head_axis='fsdp')
 
 
 # ---------------------------------------------------------------------------------------------------

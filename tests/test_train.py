@@ -1,4 +1,4 @@
-"""lstm_attn.train: losses vs a float64 reference, gradient accumulation, exact resume, every objective."""
+"""lstm_attn.training: losses vs a float64 reference, gradient accumulation, exact resume, every objective."""
 
 import dataclasses
 import json
@@ -15,10 +15,12 @@ from helpers import assert_close
 from jax.flatten_util import ravel_pytree
 from train_tiny import compilation_cache, final_params, tiny_config, train_losses
 
-from lstm_attn import checkpointing, train, train_inputs
-from lstm_attn import logging_utils as lu
-from lstm_attn import steps as steps_lib
+from lstm_attn import training as train
 from lstm_attn.models import build_model
+from lstm_attn.training import checkpointing
+from lstm_attn.training import inputs as train_inputs
+from lstm_attn.training import metrics as lu
+from lstm_attn.training import steps as steps_lib
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -42,13 +44,13 @@ def test_next_token_loss_matches_float64_reference(shape):
   logits = 4.0 * jax.random.normal(k1, shape, jnp.float32)
   targets = jax.random.randint(k2, shape[:-1], 0, shape[-1])
   weights = (jax.random.uniform(k3, shape[:-1]) > 0.3).astype(jnp.float32).at[0, 0].set(1.0)
-  mean, sums = train.next_token_loss(logits, targets, weights)
+  mean, sums = steps_lib.next_token_loss(logits, targets, weights)
   ref_sum, ref_n, ref_correct = _ce_reference(logits, targets, weights)
   assert_close(sums['loss'], ref_sum, what='loss sum')
   assert_close(mean, ref_sum / ref_n, what='mean loss')
   assert float(sums['count']) == ref_n and float(sums['correct']) == ref_correct
   # bf16 logits: the loss is still computed in fp32 from them.
-  mean16, _ = train.next_token_loss(logits.astype(jnp.bfloat16), targets, weights)
+  mean16, _ = steps_lib.next_token_loss(logits.astype(jnp.bfloat16), targets, weights)
   assert_close(mean16, ref_sum / ref_n, dtype=jnp.bfloat16, what='bf16 mean loss')
 
 
@@ -59,14 +61,14 @@ def test_mlm_nsp_and_classification_losses():
   w = jnp.zeros((2, 7)).at[0, 2].set(1).at[1, 5].set(1).at[1, 6].set(1)
   nsp = jax.random.normal(k[2], (2, 2))
   lab = jnp.array([0, 1])
-  mean, sums = train.mlm_nsp_loss(mlm, tgt, w, nsp, lab)
+  mean, sums = steps_lib.mlm_nsp_loss(mlm, tgt, w, nsp, lab)
   m_sum, m_n, _ = _ce_reference(mlm, tgt, w)
   n_sum, n_n, _ = _ce_reference(nsp, lab, np.ones(2))
   assert_close(mean, m_sum / m_n + n_sum / n_n, what='mlm+nsp')
   logits = jax.random.normal(k[3], (5, 3))
   labels = jax.random.randint(k[4], (5,), 0, 3)
   rw = jnp.array([1, 1, 1, 0, 0], jnp.float32)  # padding rows of the last eval batch
-  mean, sums = train.classification_loss(logits, labels, rw)
+  mean, sums = steps_lib.classification_loss(logits, labels, rw)
   ref = _ce_reference(logits, labels, rw)
   assert_close(mean, ref[0] / ref[1], what='classification')
   assert float(sums['count']) == 3 and float(sums['correct']) == ref[2]
@@ -76,15 +78,15 @@ def test_mlm_nsp_and_classification_losses():
 def test_grad_accumulation_equals_one_big_batch():
   """Plain SGD (lr 1) makes the update the gradient itself: accumulated over 3 micro-batches == one batch."""
   c = tiny_config('gpt', **{'model.dropout': 0.0, 'batch_size': 6})
-  steps, init, _, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  steps = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r))
   batch = {
     'inputs': jax.random.randint(jax.random.key(2), (6, 16), 0, 261),
     'targets': jax.random.randint(jax.random.key(3), (6, 16), 0, 261),
   }
-  state0 = init()
+  state0 = steps.init()
   results = []
   for accum in (1, 3):
-    s = dataclasses.replace(steps, tx=optax.sgd(1.0), grad_accum_steps=accum)
+    s = dataclasses.replace(steps.pure, tx=optax.sgd(1.0), grad_accum_steps=accum)
     state = {**state0, 'opt_state': s.tx.init(state0['params'])}
     new, metrics = jax.jit(s.train_step)(state, batch)
     update = jax.tree.map(jnp.subtract, new['params'], state0['params'])
@@ -186,16 +188,16 @@ def test_bf16_compute_keeps_fp32_params():
   c = tiny_config('gpt')
   c.model.dtype = 'bfloat16'
   c.model.dropout = 0.0
-  _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  steps = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r))
   batch = {
     'inputs': jax.random.randint(jax.random.key(2), (4, 16), 0, 261),
     'targets': jax.random.randint(jax.random.key(3), (4, 16), 0, 261),
   }
-  state, m16 = step(init(), batch)
+  state, m16 = steps.train_step(steps.init(), batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state['params']))
   c.model.dtype = 'float32'
-  _, init32, step32, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
-  _, m32 = step32(init32(), batch)
+  steps32 = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r))
+  _, m32 = steps32.train_step(steps32.init(), batch)
   assert_close(m16['loss'], m32['loss'], dtype=jnp.bfloat16, what='bf16 vs fp32 loss')
 
 
@@ -222,8 +224,9 @@ def test_cpu_ynn_fusion_dots_changes_compilation_not_results():
   losses, params, reduce_fusions = {}, {}, {}
   for choice in ('default', 'dots'):
     c.cpu_ynn_fusion = choice
-    _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
-    state = init()
+    steps = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r))
+    step = steps.train_step
+    state = steps.init()
     reduce_fusions[choice] = _ynn_reduce_fusions(step.lower(state, batch).compile().as_text())
     for _ in range(2):
       state, m = step(state, batch)
@@ -237,7 +240,7 @@ def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path, monkeypatch):
   c = tiny_config('gpt')
   c.cpu_ynn_fusion = 'fast'
   with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
-    train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+    train.check_config(c)
   with pytest.raises(ValueError, match='config.cpu_ynn_fusion'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()  # refused before anything was written
@@ -246,9 +249,9 @@ def test_cpu_ynn_fusion_bad_value_and_rejected_option(tmp_path, monkeypatch):
   monkeypatch.setitem(steps_lib._CPU_YNN_FUSION, 'bogus', bogus)
   c.cpu_ynn_fusion = 'bogus'
   assert steps_lib.compiler_options(c) == {}
-  _, init, step, _, _ = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+  steps = train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r))
   batch = {'inputs': jnp.zeros((4, 16), jnp.int32), 'targets': jnp.ones((4, 16), jnp.int32)}
-  assert np.isfinite(float(step(init(), batch)[1]['loss']))
+  assert np.isfinite(float(steps.train_step(steps.init(), batch)[1]['loss']))
 
 
 def test_resume_with_a_reshaped_optimizer_names_the_changed_config(tmp_path):
@@ -276,7 +279,7 @@ def test_bad_config_values_are_named(tmp_path):
     train.train_and_evaluate(c, str(tmp_path / 'a'))
   c = tiny_config('gpt', grad_accum_steps=3)
   with pytest.raises(ValueError, match='grad_accum_steps=3'):
-    train.build_steps(c, lambda r: build_model(c, vocab_size=261, rngs=r), seed=0)
+    train.check_config(c)
   with pytest.raises(ValueError, match='grad_accum_steps=3'):
     train.train_and_evaluate(c, str(tmp_path / 'accum'))
   assert not (tmp_path / 'accum').exists()  # refused before anything was written

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from lstm_attn.train import base_config
+from lstm_attn.training import base_config
 
 # The same settings as command-line overrides of experiments/configs/default.py (for subprocess tests).
 TINY_FLAGS = [
@@ -96,7 +96,7 @@ def final_params(workdir):
   """Flat {path: np.ndarray} of the params in the latest checkpoint of a workdir."""
   import jax
 
-  from lstm_attn import checkpointing
+  from lstm_attn.training import checkpointing
 
   raw, step = checkpointing.load_params(workdir)
   return step, {

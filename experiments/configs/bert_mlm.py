@@ -6,7 +6,7 @@ Byte tokenizer, 4 layers of width 128, sequences of 128 bytes ([CLS] A [SEP] B [
 `finetune_cls` restores its encoder from (`--config.init_from`).
 """
 
-from lstm_attn.train import base_config
+from lstm_attn.training import base_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ Rotary positions: val 1.75 bits per byte vs 2.04 with a learned position table, 
 (BUILD_NOTES.md, "gpt_char: rotary positions").
 """
 
-from lstm_attn.train import base_config
+from lstm_attn.training import base_config
 
 
 def get_config():

@@ -13,14 +13,14 @@ pretraining run's. Set --config.model.name/sizes to fine-tune another pretrained
 gpt_char or lstm_char workdir trained on the stdlib), and keep them equal to the pretraining run's.
 """
 
-from lstm_attn.train import base_config
+from lstm_attn.training import base_config
 
 
 def get_config():
   c = base_config('bert')  # the bert_mlm encoder: width 128, 4 layers, 4 heads, dropout 0.1
   c.model.max_len = 128
   c.num_classes = 10
-  c.init_from = '/tmp/lstm_attn/bert_mlm'  # the pretraining command's workdir (see the docstring)
+  # c.init_from: the pretraining run's workdir, given on the command line (see the docstring)
   c.compare_from_scratch = True
   c.data.snippets_per_class = (256, 64, 64)
   c.batch_size = 32

@@ -17,7 +17,7 @@ with learned positions, nanoGPT's model (BUILD_NOTES.md, "gpt_char: rotary posit
 exact model add `--config.model.positions=learned`.
 """
 
-from lstm_attn.train import base_config, tiny_shakespeare_budget
+from lstm_attn.training import base_config, tiny_shakespeare_budget
 
 
 def get_config():
@@ -29,5 +29,5 @@ def get_config():
   c.model.activation = 'gelu'  # nanoGPT's nn.GELU() (exact)
   c.model.use_bias = False  # nanoGPT's bias=False: no biases in Linears and LayerNorms
   c.optim.decay_embeddings = True  # nanoGPT decays every >= 2-D parameter, its tied embedding included
-  c.cpu_ynn_fusion = 'dots'  # XLA:CPU: YNNPACK for matmuls only, 0.95x step time here (lstm_attn.steps)
+  c.cpu_ynn_fusion = 'dots'  # XLA:CPU: YNNPACK for matmuls only, 0.95x step time (training/steps.py)
   return c

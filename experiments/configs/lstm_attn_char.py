@@ -7,7 +7,7 @@ Two residual LSTM blocks of width 128, single-head causal attention in the last 
 ("boom") layer; 2000 steps x batch 12 x context 64 characters, as gpt_char.
 """
 
-from lstm_attn.train import base_config, tiny_shakespeare_budget
+from lstm_attn.training import base_config, tiny_shakespeare_budget
 
 
 def get_config():

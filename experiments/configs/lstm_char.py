@@ -8,7 +8,7 @@
 comparison is on the same text; no default corpus stands in for it).
 """
 
-from lstm_attn.train import base_config, tiny_shakespeare_budget
+from lstm_attn.training import base_config, tiny_shakespeare_budget
 
 
 def get_config():

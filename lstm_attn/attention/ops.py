@@ -172,7 +172,7 @@ def _chunked(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
 
 def _pallas(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
   del bias, mask  # None: the op refuses them for the fused backends
-  from lstm_attn import sharding
+  from lstm_attn.attention.sharded import per_shard_attention
   from lstm_attn.kernels.flash_attention import flash_attention_from_spec
 
   # A Pallas call is opaque to the SPMD partitioner: under a multi-device mesh (the trainer traces its
@@ -189,7 +189,7 @@ def _pallas(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
     )
     return flash_attention_from_spec(query, key, value, scale, shard_spec)
 
-  return sharding.per_shard_attention(per_shard)(
+  return per_shard_attention(per_shard)(
     query,
     key,
     value,

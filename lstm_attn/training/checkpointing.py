@@ -1,5 +1,8 @@
 """The one module that owns Orbax: save, resume, keep latest + best, fall back past broken checkpoints.
 
+Nothing else reads a checkpoint's files: `peek_meta(directory)` gives the newest meta without opening a
+manager (the trainer compares configs before it writes anything), `load_params` the params of any step.
+
 A checkpoint is one step directory under `<workdir>/checkpoints/` with two items:
   state: the train-state pytree (step, params, other model state such as RNG keys and counts, optimizer
     state), written with `StandardSave` (tensorstore/OCDBT; sharded arrays are written per shard).
@@ -17,6 +20,7 @@ Typed PRNG keys (nnx's RngKey) are stored as their raw key data (uint32) and re-
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -91,9 +95,19 @@ class Checkpointer:
     keep_latest: how many of the most recent checkpoints to keep.
     keep_best: how many of the lowest-eval-loss checkpoints to keep besides (0: none).
     async_save: write in a background thread (call `wait()` before reading or exiting).
+    read_only: for readers (sample.py, evaluation beside a live trainer): nothing in `directory` is
+      created, cleaned up (a trainer's in-progress `*.orbax-checkpoint-tmp` write stays), deleted or moved.
   """
 
-  def __init__(self, directory: str, *, keep_latest: int = 2, keep_best: int = 1, async_save: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep_latest: int = 2,
+    keep_best: int = 1,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     if keep_latest < 1:
       raise ValueError(f'keep_latest={keep_latest} must be >= 1 (the latest checkpoint is the resume point).')
     if keep_best < 0:
@@ -115,10 +129,12 @@ class Checkpointer:
       # best-N policy still knows the eval losses after a restart.
       best_fn=lambda m: m[_METRIC],
       best_mode='min',
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
-      create=True,
+      enable_async_checkpointing=async_save and not read_only,
+      cleanup_tmp_directories=not read_only,
+      create=not read_only,
+      read_only=read_only,
     )
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   # -- queries ---------------------------------------------------------------------------------------
@@ -202,6 +218,13 @@ class Checkpointer:
         failed.append((step, reason))
         continue
       for bad, reason in failed:
+        if self.read_only:
+          print(
+            f'WARNING: the checkpoint at step {bad} in {self.directory} could not be restored '
+            f'({reason}); using step {step} instead.',
+            flush=True,
+          )
+          continue
         moved = self._move_aside(bad)
         print(
           f'WARNING: the checkpoint at step {bad} in {self.directory} could not be restored ({reason}); '
@@ -235,6 +258,23 @@ def _check_finite(state, step) -> None:
       continue
     if not bool(jnp.all(jnp.isfinite(x))):
       raise ValueError(f'non-finite values in {jax.tree_util.keystr(path)} at step {step}')
+
+
+def peek_meta(directory: str) -> dict[str, Any] | None:
+  """The meta (JSON) of the newest step in `directory` whose meta reads, or None: no Orbax manager is
+  created, so nothing in the directory is created, cleaned up or locked."""
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      with open(os.path.join(directory, str(step), 'meta', 'metadata'), encoding='utf-8') as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(meta, dict):
+      return meta
+  return None
 
 
 def load_params(path: str) -> tuple[dict, int]:

@@ -69,15 +69,15 @@ def _find_tokenizer(path: str) -> str:
 
 def _tokenizer(config, corpus, workdir):
   d = config.data
-  if config.get('init_from', ''):
+  if config.init_from:
     src = _find_tokenizer(config.init_from)
     tok = tokenizers.load_tokenizer(src)
     dst = os.path.join(workdir, os.path.basename(src))
     if not os.path.exists(dst):
       tok.save(dst)
     return tok, dst
-  kind = d.get('tokenizer', 'byte')
-  vocab = d.get('vocab_size', None) if kind in ('bpe', 'unigram', 'sentencepiece') else None
+  kind = d.tokenizer
+  vocab = d.vocab_size if kind in ('bpe', 'unigram', 'sentencepiece') else None
   text = corpus.text('train') if kind != 'byte' else None
   tok = tokenizers.make_tokenizer(kind, text, workdir, vocab)
   path = os.path.join(
@@ -89,8 +89,8 @@ def _tokenizer(config, corpus, workdir):
 def data_path(config) -> str | None:
   """`config.data.path`, checked (required by the config? present on disk?); None: the embedded corpus."""
   d = config.data
-  path = d.get('path', None) or None
-  if d.get('required', False) and path is None:
+  path = d.path or None
+  if d.required and path is None:
     raise ValueError(
       f'config.data.path is required for this experiment ({config.model.name}) but is empty: pass '
       '--config.data.path=<text file>, e.g. ../shared/data/tinyshakespeare.txt.'
@@ -105,7 +105,7 @@ def data_path(config) -> str | None:
 
 
 def _load_corpus(config):
-  return corpora.load_corpus(data_path(config), max_bytes=config.data.get('max_bytes', None))
+  return corpora.load_corpus(data_path(config), max_bytes=config.data.max_bytes)
 
 
 def _limit(it, n):
@@ -113,15 +113,15 @@ def _limit(it, n):
 
 
 def make_inputs(config, workdir: str) -> Inputs:
-  if config.get('num_classes', None):
+  if config.num_classes:
     return _classification(config, workdir)
   corpus = _load_corpus(config)
   tok, tok_path = _tokenizer(config, corpus, workdir)
   seq_len = int(config.data.seq_len)
   seed = int(config.seed)
   bs = int(config.batch_size)
-  ebs = int(config.get('eval_batch_size', None) or bs)
-  n_eval = int(config.get('eval_batches', 0) or 0)
+  ebs = config.eval_batch_size or bs
+  n_eval = config.eval_batches
   splits = ('val', 'test') if not corpus.info.get('test_is_val', False) else ('val',)
   if model_spec(config.model.name).objective == 'mlm':
     train = batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok)
@@ -138,7 +138,7 @@ def make_inputs(config, workdir: str) -> Inputs:
     return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn)
 
   ids = {s: np.asarray(tok.encode(corpus.text(s)), np.int32) for s in ('train', *splits)}
-  train = batching.LMBatcher(ids['train'], bs, seq_len, seed=seed, mode=config.data.get('mode', 'random'))
+  train = batching.LMBatcher(ids['train'], bs, seq_len, seed=seed, mode=config.data.mode)
   chars, nbytes = {}, {}
   for s in splits:
     text = corpus.text(s)
@@ -160,10 +160,10 @@ def _classification(config, workdir: str) -> Inputs:
   BERT inputs start with [CLS] (its pooled head reads position 0).
   """
   d = config.data
-  if config.get('init_from', ''):
+  if config.init_from:
     tok, tok_path = _tokenizer(config, None, workdir)
   else:
-    kind = d.get('tokenizer', 'byte')
+    kind = d.tokenizer
     corpus = None if kind == 'byte' else _load_corpus(config)
     tok, tok_path = _tokenizer(config, corpus, workdir)
   seq_len = int(d.seq_len)
@@ -171,7 +171,7 @@ def _classification(config, workdir: str) -> Inputs:
   task = classification.stdlib_classification_task(
     tok,
     seq_len,
-    snippets_per_class=tuple(d.get('snippets_per_class', (512, 64, 64))),
+    snippets_per_class=tuple(d.snippets_per_class),
     seed=seed,
     add_cls=model_spec(config.model.name).uses_cls_token,
   )
@@ -181,7 +181,7 @@ def _classification(config, workdir: str) -> Inputs:
       f'classes ({task["class_names"]}); set --config.num_classes={len(task["class_names"])}.'
     )
   bs = int(config.batch_size)
-  ebs = int(config.get('eval_batch_size', None) or bs)
+  ebs = config.eval_batch_size or bs
   train = classification.ClassificationBatcher(task['train'], bs, seed=seed)
 
   def eval_fn(split):

@@ -68,40 +68,29 @@ def decay_mask(params, *, embeddings: bool = False):
 def learning_rate_schedule(config) -> optax.Schedule:
   """Linear warmup 0 -> learning_rate over warmup_steps, cosine to min_learning_rate at decay_steps."""
   o = config.optim
-  decay_steps = int(o.get('decay_steps', None) or config.num_train_steps)
-  warmup = int(o.warmup_steps)
-  if warmup < 0 or decay_steps < 1:
-    raise ValueError(
-      f'optim.warmup_steps={warmup} must be >= 0 and optim.decay_steps={decay_steps} must be >= 1.'
-    )
-  if o.learning_rate <= 0:
-    raise ValueError(f'optim.learning_rate={o.learning_rate} must be positive.')
+  decay_steps = o.decay_steps or config.num_train_steps
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=float(o.learning_rate),
-    warmup_steps=min(warmup, decay_steps),
-    decay_steps=max(decay_steps, warmup + 1),
-    end_value=float(o.get('min_learning_rate', 0.0)),
+    warmup_steps=min(o.warmup_steps, decay_steps),
+    decay_steps=max(decay_steps, o.warmup_steps + 1),
+    end_value=float(o.min_learning_rate),
   )
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(schedule, b1, b2, eps, weight_decay, mask=decay_mask)."""
+  """clip_by_global_norm -> AdamW(schedule, b1, b2, eps, weight_decay, mask=decay_mask).
+
+  `config` has passed `lstm_attn.training.config.check_config` (the fields' defaults and checks live there).
+  """
   o = config.optim
-  parts = []
-  clip = o.get('grad_clip_norm', None)
-  if clip:
-    if clip < 0:
-      raise ValueError(f'optim.grad_clip_norm={clip} must be positive (or 0 for no clipping).')
-    parts.append(optax.clip_by_global_norm(float(clip)))
-  parts.append(
-    optax.adamw(
-      learning_rate=learning_rate_schedule(config),
-      b1=float(o.get('b1', 0.9)),
-      b2=float(o.get('b2', 0.999)),
-      eps=float(o.get('eps', 1e-8)),
-      weight_decay=float(o.get('weight_decay', 0.0)),
-      mask=functools.partial(decay_mask, embeddings=bool(o.get('decay_embeddings', False))),
-    )
+  clip = [optax.clip_by_global_norm(float(o.grad_clip_norm))] if o.grad_clip_norm else []
+  adamw = optax.adamw(
+    learning_rate=learning_rate_schedule(config),
+    b1=float(o.b1),
+    b2=float(o.b2),
+    eps=float(o.eps),
+    weight_decay=float(o.weight_decay),
+    mask=functools.partial(decay_mask, embeddings=bool(o.decay_embeddings)),
   )
-  return optax.chain(*parts)
+  return optax.chain(*clip, adamw)

@@ -7,7 +7,7 @@ that the 'fsdp' axis size divides — the rule big_vision uses, so FSDP is turne
 (`config.mesh.fsdp > 1`) and no model code changes. XLA's SPMD partitioner inserts the all-gathers and
 reduce-scatters that the annotated `jit` needs.
 
-Config fields read here (all optional, see `experiments/configs/*`):
+Config fields read here (defaults and checks: lstm_attn.training.config):
   config.mesh.data: devices along 'data' (-1: all devices left after fsdp).
   config.mesh.fsdp: devices along 'fsdp' (1: plain data parallelism).
   config.mesh.fsdp_min_size: parameters with fewer elements stay replicated (sharding them costs more
@@ -22,7 +22,7 @@ The pieces, in the order a run uses them:
   batch_sharding / process_batch_slice / make_global_batch    each process feeds its own rows
   global_array_from_full / eval_batch_sharding / put_like / host_copy    data every process holds whole
   is_main_process()                         only process 0 logs, writes metrics and prints samples
-  shard_attention / per_shard_attention / with_mesh    attention kernels run per shard (shard_map)
+  with_mesh(fn, mesh)                       traced under the mesh: attention kernels run per shard
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from lstm_attn.attention.sharded import attention_batch_axes
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_SPEC = PartitionSpec(MESH_AXES)
@@ -59,26 +61,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
 
 
 def mesh_from_config(config) -> Mesh:
-  """The mesh of `config.mesh` (data=-1, fsdp=1 when the section or a field is absent)."""
-  mesh_cfg = config.get('mesh', None)
-  if mesh_cfg is None:
-    return make_mesh()
-  values = {}
-  for field, default in (('data', -1), ('fsdp', 1)):
-    v = mesh_cfg.get(field, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-      raise ValueError(f'mesh.{field}={v!r} must be an integer.')
-    values[field] = v
-  return make_mesh(values['data'], values['fsdp'])
-
-
-def fsdp_min_size(config, default: int = 2**14) -> int:
-  """`config.mesh.fsdp_min_size` (parameters with fewer elements stay replicated)."""
-  mesh_cfg = config.get('mesh', None)
-  v = default if mesh_cfg is None else mesh_cfg.get('fsdp_min_size', default)
-  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-    raise ValueError(f'mesh.fsdp_min_size={v!r} must be an integer >= 0.')
-  return v
+  """The mesh of `config.mesh` (checked by lstm_attn.training.config)."""
+  return make_mesh(config.mesh.data, config.mesh.fsdp)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14) -> PartitionSpec:
@@ -200,11 +184,11 @@ def put_like(tree, like):
 
 
 def with_mesh(fn, mesh: Mesh):
-  """`fn` called (and so traced) under `jax.set_mesh(mesh)`: kernels wrapped with `per_shard_attention`
-  inside it then run per shard."""
+  """`fn` called (and so traced) under `jax.set_mesh(mesh)`, with the batch split over MESH_AXES: the
+  attention kernels inside it then run per shard (`lstm_attn.attention.sharded`)."""
 
   def call(*args, **kwargs):
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), attention_batch_axes(MESH_AXES):
       return fn(*args, **kwargs)
 
   return call
@@ -262,91 +246,3 @@ def maybe_initialize_distributed(config=None) -> bool:
 def is_main_process() -> bool:
   """Only process 0 logs, writes metrics and prints samples."""
   return jax.process_index() == 0
-
-
-def shard_attention(attention_fn, mesh: Mesh, *, batch_axes=MESH_AXES, head_axis=None):
-  """Runs `attention_fn(query, key, value, **kwargs)` per shard with `jax.shard_map`.
-
-  Attention is independent across batch rows and heads, so each device runs the (Pallas) kernel on its
-  own [batch / |batch_axes|, seq, heads / |head_axis|, head_dim] block with no communication.
-  query [batch, q_len, heads, head_dim]; key/value [batch, kv_len, kv_heads, head_dim]; per-example
-  arguments (query_seq_lengths, key_value_seq_lengths [batch]; segment_ids [batch, seq]) are split over
-  the batch too. With `head_axis`, heads (and kv heads: GQA groups stay whole on one device) split over
-  that mesh axis, and `batch_axes` must not contain it.
-  """
-  if head_axis is not None and head_axis in batch_axes:
-    raise ValueError(f'head_axis={head_axis!r} is also in batch_axes={batch_axes!r}; use distinct axes.')
-  batch = tuple(batch_axes) if batch_axes else None
-  qkv_spec = PartitionSpec(batch, None, head_axis, None)
-  row_spec = PartitionSpec(batch)
-  rows2_spec = PartitionSpec(batch, None)
-
-  def wrapped(
-    query,
-    key,
-    value,
-    *,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    segment_ids=None,
-    **static_kwargs,
-  ):
-    per_example = {
-      'query_seq_lengths': query_seq_lengths,
-      'key_value_seq_lengths': key_value_seq_lengths,
-      'segment_ids': segment_ids,
-    }
-    present = {k: v for k, v in per_example.items() if v is not None}
-    _check_divisible('query/key/value batch', query.shape[0], batch, mesh)
-    if head_axis is not None:
-      _check_divisible('query heads', query.shape[2], (head_axis,), mesh)
-      _check_divisible('key/value heads', key.shape[2], (head_axis,), mesh)
-
-    def spec_of(x):
-      return jax.tree.map(lambda a: row_spec if a.ndim == 1 else rows2_spec, x)
-
-    def body(q, k, v, extra):
-      return attention_fn(q, k, v, **extra, **static_kwargs)
-
-    return jax.shard_map(
-      body,
-      mesh=mesh,
-      in_specs=(qkv_spec, qkv_spec, qkv_spec, {k: spec_of(v) for k, v in present.items()}),
-      out_specs=qkv_spec,
-      check_vma=False,
-    )(query, key, value, present)
-
-  return wrapped
-
-
-def per_shard_attention(attention_fn, *, batch_axes=MESH_AXES):
-  """`attention_fn` run per shard whenever it is traced under `jax.set_mesh(mesh)` on a multi-device mesh.
-
-  For kernels the SPMD partitioner cannot split (a Pallas call is opaque to it: it would gather the
-  whole batch onto every device). When the mesh has every axis of `batch_axes` (default the trainer's
-  ('data', 'fsdp')), they hold more than one device and their size divides the batch, the call goes
-  through `shard_attention` (batch split over those axes, no communication); otherwise (no mesh, one
-  device, other axis names, or e.g. a batch of 1 while sampling) it is called as is. The trainer traces
-  its steps under `jax.set_mesh(mesh)`; an attention dispatcher wraps its kernel:
-  `kernel = sharding.per_shard_attention(kernel)`.
-  """
-  batch_axes = tuple(batch_axes)
-
-  def wrapped(query, key, value, **kwargs):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(batch_axes) <= set(mesh.axis_names):
-      return attention_fn(query, key, value, **kwargs)
-    size = int(np.prod([mesh.shape[a] for a in batch_axes], dtype=np.int64))
-    if size == 1 or query.shape[0] % size:
-      return attention_fn(query, key, value, **kwargs)
-    return shard_attention(attention_fn, mesh, batch_axes=batch_axes)(query, key, value, **kwargs)
-
-  return wrapped
-
-
-def _check_divisible(what: str, size: int, axes, mesh: Mesh) -> None:
-  n = int(np.prod([mesh.shape[a] for a in axes or ()], dtype=np.int64))
-  if size % n:
-    raise ValueError(
-      f'shard_attention: {what}={size} must be divisible by the mesh axes {tuple(axes)} (size {n}).'
-    )

@@ -1,17 +1,21 @@
 """The pure core of training: losses per objective, the jitted train/eval steps, evaluation sums.
 
-  init_fn()                          -> state   (parameters are created under `jit`)
-  train_step(state, batch)           -> (state, metrics)   (state donated)
-  eval_step(params, rest, batch)     -> summed metrics
+    steps = build_steps(config, model_fn, mesh=mesh)
+    state = steps.init()                                  parameters are created under `jit`
+    state, metrics = steps.train_step(state, batch)       (state donated)
+    sums = steps.eval_step(state['params'], state['rest'], batch)
+    model = steps.model(state)                            the NNX model holding state's params (eval mode)
+
 where `state = {'step', 'params', 'rest', 'opt_state'}`: `params` is the `nnx.State` of the model's
 `nnx.Param`s, `rest` everything else the model holds (dropout RNG keys and counts), `opt_state` the optax
 state mirroring `params`. The model's structure (an `nnx.GraphDef`, one for train mode and one for eval
 mode) is static, closed over, and `nnx.merge`d inside the step. Because every array the run owns is an
-explicit argument or result, adding a device mesh is passing shardings to `jax.jit` (`build_steps(...,
-mesh=...)` takes them from `lstm_attn.sharding`); nothing else changes. Checkpoints are that same tree.
+explicit argument or result, adding a device mesh is passing shardings to `jax.jit` (from
+`lstm_attn.training.sharding`); nothing else changes. Checkpoints are that same tree
+(`steps.abstract_state` is its shape, dtype and sharding).
 
-Objectives (chosen from the model): next-token cross entropy ('lm': lstm_lm, lstm_attn, gpt), masked
-LM + next-sentence prediction ('mlm': bert), sequence classification ('cls': any model with
+Objectives (chosen from the model's spec): next-token cross entropy ('lm': lstm_lm, lstm_attn, gpt),
+masked LM + next-sentence prediction ('mlm': bert), sequence classification ('cls': any model with
 `config.num_classes`). Mixed precision: `config.model.dtype='bfloat16'` makes the model compute in bf16
 from fp32 parameters (see lstm_attn.models); losses (`cross_entropy_sums` casts logits to fp32), gradients
 and the optimizer stay fp32. Gradient accumulation: `config.grad_accum_steps = k` splits each batch into k
@@ -35,8 +39,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from lstm_attn import optim
 from lstm_attn.models.specs import model_spec
+from lstm_attn.training import optimizer, sharding
 
 LN2 = math.log(2.0)
 
@@ -125,8 +129,8 @@ def model_loss(model, batch: dict, objective: str):
 # Pure steps.
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Steps:
-  """The static pieces of a run and its jitted pure functions (see the module docstring)."""
+class PureSteps:
+  """The static pieces of a run and its pure step functions (jitted by `build_steps`)."""
 
   train_graphdef: Any
   eval_graphdef: Any
@@ -188,27 +192,19 @@ class Steps:
 # (softmax backward over 64 keys, LayerNorm over 128 features) the YNNPACK reduce fusions are slower than
 # XLA's own loops: 0.6-0.8 ms each for the [12, 4, 64, 64] softmax-backward sums in gpt_char's step.
 # config.cpu_ynn_fusion='dots' keeps YNNPACK for matmuls only (gpt_char step 0.95x; the default byte GPT,
-# BERT and the LSTMs gain nothing, so it stays opt-in; BUILD_NOTES.md, "gpt_char: rotary positions").
+# BERT and the LSTMs gain nothing, so it stays opt-in; BUILD_NOTES.md, "Results: speed").
 _CPU_YNN_FUSION = {
   'default': {},
   'dots': {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
 }
 
 
-def cpu_ynn_fusion(config) -> str:
-  """`config.cpu_ynn_fusion`, checked: 'default' or 'dots'."""
-  choice = config.get('cpu_ynn_fusion', 'default')
-  if choice not in _CPU_YNN_FUSION:
-    raise ValueError(f'config.cpu_ynn_fusion must be one of {sorted(_CPU_YNN_FUSION)}, got {choice!r}.')
-  return choice
-
-
 def compiler_options(config) -> dict[str, str]:
   """XLA compiler options for the train and eval steps from `config.cpu_ynn_fusion` (CPU only)."""
-  choice = cpu_ynn_fusion(config)
-  if not _CPU_YNN_FUSION[choice] or jax.default_backend() != 'cpu' or not _cpu_accepts(choice):
+  options = _CPU_YNN_FUSION[config.cpu_ynn_fusion]
+  if not options or jax.default_backend() != 'cpu' or not _cpu_accepts(config.cpu_ynn_fusion):
     return {}
-  return dict(_CPU_YNN_FUSION[choice])
+  return dict(options)
 
 
 @functools.cache
@@ -224,39 +220,44 @@ def _cpu_accepts(choice: str) -> bool:
     return False
 
 
-def grad_accum_steps(config) -> int:
-  """`config.grad_accum_steps`, checked: >= 1 and a divisor of the batch size."""
-  accum = int(config.get('grad_accum_steps', 1) or 1)
-  if accum < 1 or config.batch_size % accum:
-    raise ValueError(
-      f'config.grad_accum_steps={accum} must be >= 1 and divide config.batch_size={config.batch_size}.'
-    )
-  return accum
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's jitted functions (see the module docstring) and the static pieces they close over."""
+
+  pure: PureSteps
+  init: Callable[[], dict]
+  train_step: Callable
+  eval_step: Callable
+  abstract_state: Any  # the state's ShapeDtypeStructs (with shardings under a mesh): the restore target
+
+  @property
+  def objective(self) -> str:
+    return self.pure.objective
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.pure.tx
+
+  def model(self, state, *, train: bool = False) -> nnx.Module:
+    """The NNX model holding `state`'s params (for sampling, export, inspection)."""
+    graphdef = self.pure.train_graphdef if train else self.pure.eval_graphdef
+    return nnx.merge(graphdef, state['params'], state['rest'])
 
 
-def check_config(config) -> None:
-  """Every check `build_steps` makes of the config, without building anything (a trainer runs it before
-  it writes to its workdir)."""
-  objective_of(config)
-  grad_accum_steps(config)
-  cpu_ynn_fusion(config)
-  optim.make_optimizer(config)
+def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, mesh=None) -> Steps:
+  """Jitted init/train/eval functions of `model_fn(rngs)` under `config` (checked by check_config).
 
-
-def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int, mesh=None):
-  """Abstract model -> graphdefs; returns (steps, init_fn, jitted train_step, jitted eval_step, abstract).
-
-  `model_fn(rngs)` builds the model; it is traced, never run eagerly: `init_fn` creates the parameters
-  and optimizer state under `jax.jit` (with `out_shardings` from the mesh when one is given).
+  `model_fn` is traced, never run eagerly: `init` creates the parameters and optimizer state under
+  `jax.jit` (with `out_shardings` from the mesh when one is given), seeded by `config.seed`.
   """
-  tx = optim.make_optimizer(config)
+  seed = int(config.seed)
+  tx = optimizer.make_optimizer(config)
   abstract_model = nnx.eval_shape(lambda: model_fn(_rngs(seed)))
   abstract_model.train()
   train_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
   abstract_model.eval()
   eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
-  accum = grad_accum_steps(config)
-  steps = Steps(train_graphdef, eval_graphdef, tx, objective_of(config), accum)
+  pure = PureSteps(train_graphdef, eval_graphdef, tx, objective_of(config), int(config.grad_accum_steps))
 
   def init_fn():
     model = model_fn(_rngs(seed))
@@ -266,37 +267,28 @@ def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, seed: int
   abstract_state = jax.eval_shape(init_fn)
   state_sh = batch_sh = None
   if mesh is not None:
-    from lstm_attn import sharding
-
-    state_sh = sharding.state_shardings(abstract_state, mesh, min_size=sharding.fsdp_min_size(config))
+    state_sh = sharding.state_shardings(abstract_state, mesh, min_size=int(config.mesh.fsdp_min_size))
     batch_sh = sharding.batch_sharding(mesh)
+    abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
+    )
   options = compiler_options(config)
   init = jax.jit(init_fn, out_shardings=state_sh)
   train_step = jax.jit(
-    steps.train_step,
+    pure.train_step,
     in_shardings=None if mesh is None else (state_sh, batch_sh),
     out_shardings=None if mesh is None else (state_sh, None),
     donate_argnums=0,
     compiler_options=options,
   )
-  eval_step = jax.jit(steps.eval_step, compiler_options=options)
+  eval_step = jax.jit(pure.eval_step, compiler_options=options)
   if mesh is not None:  # traced under jax.set_mesh: attention kernels then run per shard
     init, train_step, eval_step = (sharding.with_mesh(f, mesh) for f in (init, train_step, eval_step))
-  abstract_state = (
-    jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-    if state_sh is not None
-    else abstract_state
-  )
-  return steps, init, train_step, eval_step, abstract_state
+  return Steps(pure, init, train_step, eval_step, abstract_state)
 
 
 def _rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(seed, params=seed, dropout=seed + 1)
-
-
-def merged_model(steps: Steps, state, *, train: bool = False):
-  """The NNX model holding `state`'s params (for sampling, export, inspection)."""
-  return nnx.merge(steps.train_graphdef if train else steps.eval_graphdef, state['params'], state['rest'])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,289 @@
+"""The trainer's config: every field with its default (`base_config`), and every check (`check_config`).
+
+This is the one place the trainer's defaults live; the code reads `config.<field>` without fallbacks.
+Experiment configs (experiments/configs/*.py) start from `base_config(model_name)` and set only what
+differs. `check_config` runs before a workdir is touched: a bad value is a ValueError naming
+`config.<field>`, the value, and what would be right.
+
+A config saved by an older version of the trainer (in a checkpoint's meta) may lack newer fields:
+`complete_config(saved)` lays it over `base_config` of its model, so the saved values win and a missing
+field takes today's default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from lstm_attn.models import default_model_config, model_config
+
+TOKENIZERS = ('byte', 'char', 'bpe', 'unigram')
+BATCH_MODES = ('random', 'sequential')
+
+
+def base_config(model_name: str) -> ml_collections.ConfigDict:
+  """Every trainer field with its default; experiment configs override some.
+
+  Placeholders (typed None) can be set from the command line: `--config.data.max_bytes=1000000`.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = default_model_config(model_name)  # the family's fields (lstm_attn/models/specs.py)
+  c.num_classes = config_dict.placeholder(int)  # set: sequence classification
+  c.init_from = ''  # fine-tuning: pretraining workdir (or checkpoint folder) to restore `init_subtree` from
+  c.init_subtree = 'backbone'
+  c.compare_from_scratch = False  # fine-tuning: also train from scratch for the same budget, print both
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ''  # '': the embedded stdlib corpus
+  c.data.required = False  # True: an empty path is an error (the experiment's numbers mean that text)
+  c.data.max_bytes = config_dict.placeholder(int)  # None: all of it
+  c.data.tokenizer = 'byte'  # byte | char | bpe | unigram
+  c.data.vocab_size = config_dict.placeholder(int)  # subword tokenizers only
+  c.data.seq_len = 128
+  c.data.mode = 'random'  # or 'sequential': consecutive windows, every token once per epoch (no state
+  # is carried across batches: each window starts from a zero LSTM state either way)
+  c.data.snippets_per_class = (512, 64, 64)  # classification only: (train, val, test) per class
+
+  c.num_train_steps = 1000
+  c.batch_size = 16
+  c.grad_accum_steps = 1
+  c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+  c.eval_batches = 20  # per split and eval; 0: the whole split
+  c.log_every = 50
+  c.eval_every = 250
+  c.checkpoint_every = 250
+  c.keep_latest = 2
+  c.keep_best = 1
+  c.async_checkpoints = True
+  c.mesh = ml_collections.ConfigDict()  # devices (lstm_attn.training.sharding); batch_size is GLOBAL
+  c.mesh.data = -1  # devices along 'data' (-1: all that fsdp leaves)
+  c.mesh.fsdp = 1  # > 1: parameters and optimizer state split that many ways (FSDP)
+  c.mesh.fsdp_min_size = 2**14  # parameters with fewer elements stay replicated
+  c.distributed = ml_collections.ConfigDict()  # multi-host: jax.distributed.initialize
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ''  # 'host0:1234' (or env JAX_COORDINATOR_ADDRESS)
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+  c.distributed.initialization_timeout = config_dict.placeholder(int)
+  c.cpu_ynn_fusion = 'default'  # XLA:CPU only: 'dots' = YNNPACK for matmuls only (training/steps.py)
+  c.tensorboard = True  # event files in <workdir>/tensorboard (tensorboardX; it imports torch if present)
+
+  c.optim = ml_collections.ConfigDict()  # lstm_attn.training.optimizer
+  c.optim.learning_rate = 1e-3
+  c.optim.min_learning_rate = 1e-4
+  c.optim.warmup_steps = 100
+  c.optim.decay_steps = config_dict.placeholder(int)  # None: num_train_steps
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.decay_embeddings = False  # True: decay embedding tables too (as nanoGPT)
+  c.optim.grad_clip_norm = 1.0  # 0: no clipping
+
+  c.sample_tokens = 200  # generated after each eval (generative models); 0: never
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.prompt = '\n'
+  c.sampling.temperature = 0.8  # 0: greedy
+  c.sampling.top_k = config_dict.placeholder(int)
+  c.sampling.top_p = config_dict.placeholder(float)
+  c.sample_every_eval = True
+  return c
+
+
+def tiny_shakespeare_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """gpt_char's data and token budget, shared by the character-level tiny-Shakespeare configs.
+
+  The text is required (`--config.data.path`; no default corpus stands in for it), character tokens,
+  context 64, batch 12, 2000 steps: 1.5M training characters (nanoGPT's CPU "baby GPT" budget), evaluated
+  on the whole val split every 500 steps, with 300-character samples.
+  """
+  c.data.required = True
+  c.data.tokenizer = 'char'
+  c.data.seq_len = 64
+  c.batch_size = 12
+  c.num_train_steps = 2000
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.eval_batch_size = 64
+  c.eval_batches = 0  # the whole val split
+  c.sample_tokens = 300
+  return c
+
+
+def complete_config(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved with a checkpoint, laid over today's `base_config` of its model (saved values win)."""
+  name = (saved.get('model') or {}).get('name')
+  config = base_config(name)
+  config.update(ml_collections.ConfigDict(saved))
+  return config
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checks. Each names config.<field>, the value and what would be right.
+# -----------------------------------------------------------------------------------------------------
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _need(ok: bool, field: str, value, what: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field}={value!r} is invalid: it must be {what}.')
+
+
+def _check_section(config, section: str, checks: dict) -> None:
+  sub = config[section]
+  for field, (test, what) in checks.items():
+    value = sub[field]
+    _need(test(value), f'{section}.{field}', value, what)
+
+
+_POSITIVE_INT = (lambda v: _int(v) and v >= 1, 'an integer >= 1')
+_OPT_POSITIVE_INT = (lambda v: v is None or (_int(v) and v >= 1), 'None or an integer >= 1')
+_FINITE_NONNEG = (lambda v: _num(v) and math.isfinite(v) and v >= 0, 'a finite number >= 0')
+_UNIT = (lambda v: _num(v) and 0 <= v < 1, 'a number in [0, 1)')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every check of the trainer's fields (model fields: `lstm_attn.models.model_config`).
+
+  Unknown top-level fields are an error too (a typo would otherwise be ignored); experiment configs are
+  built from `base_config`, whose field set is the reference.
+  """
+  if not isinstance(config, ml_collections.ConfigDict):
+    getattr(config, 'model', None)  # a config file that failed to load (config_flags) raises its error here
+    raise ValueError(f'config must be an ml_collections.ConfigDict, got {type(config).__name__}.')
+  if 'model' not in config or 'name' not in config.model:
+    raise ValueError('config.model.name is missing: start the config from base_config(<model name>).')
+  spec, _ = model_config(config.model)
+  _check_fields(config, base_config(spec.name))
+  for field in ('num_train_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
+    _need(_POSITIVE_INT[0](config[field]), field, config[field], _POSITIVE_INT[1])
+  _need(_int(config.seed), 'seed', config.seed, 'an integer')
+  _need(
+    _int(config.grad_accum_steps)
+    and config.grad_accum_steps >= 1
+    and config.batch_size % config.grad_accum_steps == 0,
+    'grad_accum_steps',
+    config.grad_accum_steps,
+    f'an integer >= 1 that divides config.batch_size={config.batch_size}',
+  )
+  _need(
+    _OPT_POSITIVE_INT[0](config.eval_batch_size),
+    'eval_batch_size',
+    config.eval_batch_size,
+    _OPT_POSITIVE_INT[1],
+  )
+  _need(
+    _int(config.eval_batches) and config.eval_batches >= 0,
+    'eval_batches',
+    config.eval_batches,
+    'an integer >= 0 (0: the whole split)',
+  )
+  _need(
+    _POSITIVE_INT[0](config.keep_latest),
+    'keep_latest',
+    config.keep_latest,
+    'an integer >= 1 (the latest checkpoint is the resume point)',
+  )
+  _need(_int(config.keep_best) and config.keep_best >= 0, 'keep_best', config.keep_best, 'an integer >= 0')
+  _need(
+    config.cpu_ynn_fusion in ('default', 'dots'),
+    'cpu_ynn_fusion',
+    config.cpu_ynn_fusion,
+    "'default' or 'dots'",
+  )
+  _need(
+    _int(config.sample_tokens) and config.sample_tokens >= 0,
+    'sample_tokens',
+    config.sample_tokens,
+    'an integer >= 0 (0: never sample)',
+  )
+  num_classes = config.num_classes
+  _need(
+    num_classes is None or (_int(num_classes) and num_classes >= 2),
+    'num_classes',
+    num_classes,
+    'None (language modelling) or an integer >= 2',
+  )
+  _need(isinstance(config.init_from, str), 'init_from', config.init_from, 'a path or empty')
+  if config.compare_from_scratch and not config.init_from:
+    raise ValueError(
+      'config.compare_from_scratch=True compares a fine-tuned model with one from scratch, but '
+      'config.init_from is empty: pass --config.init_from=<workdir of the pretraining run>.'
+    )
+  _check_section(
+    config,
+    'data',
+    {
+      'tokenizer': (lambda v: v in TOKENIZERS, f'one of {TOKENIZERS}'),
+      'mode': (lambda v: v in BATCH_MODES, f'one of {BATCH_MODES}'),
+      'seq_len': _POSITIVE_INT,
+      'max_bytes': _OPT_POSITIVE_INT,
+      'vocab_size': _OPT_POSITIVE_INT,
+      'snippets_per_class': (
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_int(x) and x >= 1 for x in v),
+        '(train, val, test) snippets per class, each an integer >= 1',
+      ),
+    },
+  )
+  _check_section(
+    config,
+    'mesh',
+    {
+      'data': (lambda v: _int(v) and (v == -1 or v >= 1), '-1 (all devices fsdp leaves) or >= 1'),
+      'fsdp': _POSITIVE_INT,
+      'fsdp_min_size': (lambda v: _int(v) and v >= 0, 'an integer >= 0'),
+    },
+  )
+  _check_section(
+    config,
+    'optim',
+    {
+      'learning_rate': (lambda v: _num(v) and math.isfinite(v) and v > 0, 'a finite number > 0'),
+      'min_learning_rate': _FINITE_NONNEG,
+      'warmup_steps': (lambda v: _int(v) and v >= 0, 'an integer >= 0'),
+      'decay_steps': _OPT_POSITIVE_INT,
+      'b1': _UNIT,
+      'b2': _UNIT,
+      'eps': (lambda v: _num(v) and math.isfinite(v) and v > 0, 'a finite number > 0'),
+      'weight_decay': _FINITE_NONNEG,
+      'grad_clip_norm': (
+        lambda v: v is None or (_num(v) and math.isfinite(v) and v >= 0),
+        'a finite number >= 0 (0: no clipping)',
+      ),
+    },
+  )
+  _check_section(
+    config,
+    'sampling',
+    {
+      'prompt': (lambda v: isinstance(v, str), 'a string'),
+      'temperature': (lambda v: _num(v) and math.isfinite(v) and v >= 0, 'a finite number >= 0 (0: greedy)'),
+      'top_k': _OPT_POSITIVE_INT,
+      'top_p': (lambda v: v is None or (_num(v) and 0 < v <= 1), 'None or a number in (0, 1]'),
+    },
+  )
+
+
+def _check_fields(config, reference, prefix='config') -> None:
+  """Every field of `config` exists in `reference` (the base config); model fields are checked by
+  model_config, which also knows the other families' fields."""
+  for key in config.keys():
+    if key == 'model':
+      continue
+    if key not in reference:
+      close = [k for k in reference.keys() if k[:3] == key[:3]]
+      hint = f' (did you mean {close[0]!r}?)' if close else ''
+      raise ValueError(f'{prefix}.{key} is not a config field{hint}; the fields: {sorted(reference.keys())}.')
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
+      reference[key], ml_collections.ConfigDict
+    ):
+      _check_fields(config[key], reference[key], f'{prefix}.{key}')
