@@ -41,12 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from lstm_attn.attention import dot_product_attention
 from lstm_attn.kernels import reference
-
-try:  # The public dispatcher, when the library has it; else the kernels directly.
-  from lstm_attn import attention as _attention_lib
-except ImportError:  # pragma: no cover - only while the library is being written
-  _attention_lib = None
 
 ALL_IMPLEMENTATIONS = ('pallas', 'cudnn', 'jax_mha', 'xla', 'chunked', 'reference')
 _GPU_ONLY = ('cudnn', 'jax_mha')
@@ -92,19 +88,7 @@ def _attention_fn(name: str, is_causal: bool):
     from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
     return lambda q, k, v: jax_pallas.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=is_causal)
-  if _attention_lib is not None:
-    return lambda q, k, v: _attention_lib.dot_product_attention(
-      q, k, v, is_causal=is_causal, implementation=name
-    )
-  if name == 'reference':
-    return lambda q, k, v: reference.mha_reference(q, k, v, is_causal=is_causal)
-  if name == 'chunked':
-    from lstm_attn.kernels.chunked_attention import chunked_attention
-
-    return lambda q, k, v: chunked_attention(q, k, v, is_causal=is_causal)
-  from lstm_attn.kernels.flash_attention import flash_attention
-
-  return lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal)
+  return lambda q, k, v: dot_product_attention(q, k, v, is_causal=is_causal, implementation=name)
 
 
 def _fwd_bwd(fn):

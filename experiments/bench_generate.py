@@ -21,7 +21,7 @@ from absl import app, flags
 from flax import nnx
 
 from lstm_attn.generate import generate
-from lstm_attn.models import GPT, LSTMLM
+from lstm_attn.models import GPT, LSTMLM, GPTConfig, LSTMLMConfig
 
 _NEW = flags.DEFINE_list('new_tokens', ['64', '256'], 'Numbers of new tokens to generate.')
 _PROMPT = flags.DEFINE_integer('prompt_len', 16, 'Prompt length.')
@@ -59,8 +59,8 @@ def main(argv):
   del argv
   lengths = [int(n) for n in _NEW.value]
   max_len = _PROMPT.value + max(lengths)
-  gpt = GPT(65, d_model=128, num_layers=4, num_heads=4, max_len=max_len, rngs=nnx.Rngs(0))
-  lstm = LSTMLM(65, embed_dim=128, hidden_size=256, num_layers=2, rngs=nnx.Rngs(0))
+  gpt = GPT(GPTConfig(d_model=128, num_layers=4, num_heads=4, max_len=max_len), 65, rngs=nnx.Rngs(0))
+  lstm = LSTMLM(LSTMLMConfig(embed_dim=128, hidden_size=256, num_layers=2), 65, rngs=nnx.Rngs(0))
   prompt = jnp.asarray(np.random.default_rng(0).integers(0, 65, (1, _PROMPT.value)), jnp.int32)
   rows = []
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, batch 1, prompt {_PROMPT.value}')

@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from lstm_attn.checks import check_rate
+
 Params = dict[str, dict[str, jax.Array]]
 
 # Default scan unroll. On the 2-core CPU (experiments/bench_lstm.py, B=32, T=128, 256 -> 512, one thread)
@@ -346,8 +348,7 @@ def _check_inputs(cfg: _Config, inputs, seq_lengths, initial_carry, dropout, rng
     got = LSTMCarry(*(tuple(jnp.shape(a)) for a in initial_carry))
     if got != want:
       raise ValueError(f'initial_carry has shapes h={got.h}, c={got.c}; expected h={want.h}, c={want.c}')
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+  check_rate('dropout', dropout)
   if dropout > 0.0 and rng is None:
     raise ValueError('dropout > 0 needs rng (a jax.random key); pass dropout=0.0 for evaluation')
 
@@ -515,8 +516,7 @@ class LSTM(nnx.Module):
     deterministic: bool = False,
     rngs: nnx.Rngs,
   ):
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+    check_rate('dropout', dropout)
     params = init_lstm(
       rngs.params(), input_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional,
       proj_size=proj_size, forget_bias=forget_bias, orthogonal_recurrent=orthogonal_recurrent,

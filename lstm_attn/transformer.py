@@ -40,7 +40,10 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
-  """features -> hidden -> activation -> features -> dropout. x: [..., features] -> [..., features]."""
+  """features -> hidden -> activation -> features -> dropout. x: [..., features] -> [..., features].
+
+  An inner layer: its arguments are checked by whoever builds it (TransformerBlock, the model configs).
+  """
 
   def __init__(
     self,
@@ -55,10 +58,6 @@ class MLP(nnx.Module):
     kernel_init=None,
     rngs: nnx.Rngs,
   ):
-    if activation not in ACTIVATIONS:
-      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got {dropout}.')
     kwargs = {} if kernel_init is None else {'kernel_init': kernel_init}
     self.activation = activation
     self.fc1 = nnx.Linear(
@@ -98,8 +97,10 @@ class TransformerBlock(nnx.Module):
     kernel_init=None,
     rngs: nnx.Rngs,
   ):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
     self.pre_norm = pre_norm
-    self.attn = MultiHeadAttention(
+    self.attn = MultiHeadAttention(  # checks the head counts, dropout and implementation
       num_heads,
       features,
       num_kv_heads=num_kv_heads,

@@ -10,16 +10,20 @@ import pytest
 from flax import nnx
 
 from lstm_attn import generate as gen
-from lstm_attn.models import GPT, LSTMLM, LSTMAttentionLM, common
+from lstm_attn.models import GPT, LSTMLM, GPTConfig, HybridConfig, LSTMAttentionLM, LSTMLMConfig, common
 
 V = 13
 
 MODELS = {
-  'lstm_lm': lambda rngs: LSTMLM(V, embed_dim=8, hidden_size=16, num_layers=2, rngs=rngs),
-  'hybrid': lambda rngs: LSTMAttentionLM(V, d_model=16, num_layers=2, num_heads=2, boom_hidden=24, rngs=rngs),
-  'gpt_learned': lambda rngs: GPT(V, d_model=16, num_layers=2, num_heads=2, max_len=12, rngs=rngs),
+  'lstm_lm': lambda rngs: LSTMLM(LSTMLMConfig(embed_dim=8, hidden_size=16, num_layers=2), V, rngs=rngs),
+  'hybrid': lambda rngs: LSTMAttentionLM(
+    HybridConfig(d_model=16, num_layers=2, num_heads=2, boom_hidden=24), V, rngs=rngs
+  ),
+  'gpt_learned': lambda rngs: GPT(GPTConfig(d_model=16, num_layers=2, num_heads=2, max_len=12), V, rngs=rngs),
   'gpt_rotary': lambda rngs: GPT(
-    V, d_model=16, num_layers=2, num_heads=4, num_kv_heads=1, max_len=12, positions='rotary', rngs=rngs
+    GPTConfig(d_model=16, num_layers=2, num_heads=4, num_kv_heads=1, max_len=12, positions='rotary'),
+    V,
+    rngs=rngs,
   ),
 }
 

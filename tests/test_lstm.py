@@ -317,8 +317,10 @@ def test_bad_inputs_raise():
     lstm(params, x, initial_carry=bad_carry)
   with pytest.raises(ValueError, match='dropout > 0 needs rng'):
     lstm(params, x, dropout=0.5)
-  with pytest.raises(ValueError, match='dropout must be in'):
+  with pytest.raises(ValueError, match=r'dropout must be a number in \[0, 1\), got 1.0'):
     lstm(params, x, dropout=1.0, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r'dropout must be a number in \[0, 1\), got -0.5'):
+    LSTM(5, 4, dropout=-0.5, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='reverse=True is only defined'):
     lstm(init_lstm(jax.random.key(0), 4, 5, bidirectional=True), x, reverse=True)
   with pytest.raises(ValueError, match='proj_size must be'):

@@ -6,6 +6,8 @@ functions so each model shape compiles once.
 """
 
 import functools
+import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +21,17 @@ from lstm_attn.models import (
   BERT,
   GPT,
   LSTMLM,
+  MODEL_SPECS,
+  BERTConfig,
+  GPTConfig,
+  HybridConfig,
   LSTMAttentionLM,
+  LSTMLMConfig,
   SequenceClassifier,
   build_model,
   count_params,
   default_model_config,
-  model_kwargs,
+  model_config,
 )
 from lstm_attn.models.common import EmbeddingDropout, LockedDropout, segment_positions
 from tests.helpers import assert_close, rel_l2_error
@@ -32,26 +39,29 @@ from tests.helpers import assert_close, rel_l2_error
 V, B, T = 13, 3, 7
 
 CAUSAL = {
-  'lstm_lm': lambda rngs: LSTMLM(V, embed_dim=8, hidden_size=16, num_layers=2, rngs=rngs),  # tied + out_proj
+  'lstm_lm': lambda rngs: LSTMLM(LSTMLMConfig(embed_dim=8, hidden_size=16), V, rngs=rngs),  # tied + out_proj
   'lstm_lm_untied_proj': lambda rngs: LSTMLM(
-    V, embed_dim=8, hidden_size=16, num_layers=2, proj_size=6, tie_embeddings=False, rngs=rngs
+    LSTMLMConfig(embed_dim=8, hidden_size=16, proj_size=6, tie_embeddings=False), V, rngs=rngs
   ),
   'hybrid': lambda rngs: LSTMAttentionLM(
-    V, d_model=16, num_layers=2, attention_layers=(0, 1), num_heads=2, boom_hidden=24, rngs=rngs
+    HybridConfig(d_model=16, attention_layers=(0, 1), num_heads=2, boom_hidden=24), V, rngs=rngs
   ),
-  'gpt_learned': lambda rngs: GPT(V, d_model=16, num_layers=2, num_heads=2, max_len=16, rngs=rngs),
+  'gpt_learned': lambda rngs: GPT(GPTConfig(d_model=16, num_layers=2, num_heads=2, max_len=16), V, rngs=rngs),
   'gpt_rotary_gqa': lambda rngs: GPT(
+    GPTConfig(
+      d_model=16,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      max_len=16,
+      positions='rotary',
+      tie_embeddings=False,
+    ),
     V,
-    d_model=16,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    max_len=16,
-    positions='rotary',
-    tie_embeddings=False,
     rngs=rngs,
   ),
 }
+TINY_BERT = BERTConfig(d_model=16, num_layers=2, num_heads=2, max_len=16, dropout=0.0)
 
 
 @functools.cache
@@ -111,7 +121,7 @@ def _bert(graphdef, state, tokens, lengths, positions):
 
 
 def test_bert_looks_both_ways():
-  model = BERT(V, d_model=16, num_layers=2, num_heads=2, max_len=16, dropout=0.0, rngs=nnx.Rngs(0))
+  model = BERT(TINY_BERT, V, rngs=nnx.Rngs(0))
   model.eval()
   graphdef, state = nnx.split(model)
   tokens, full = tokens_like(3), jnp.full((B,), T)
@@ -225,7 +235,7 @@ def test_causal_lm_overfits_one_batch(name):
 
 
 def test_bert_overfits_one_batch():
-  model = BERT(V, d_model=16, num_layers=2, num_heads=2, max_len=16, dropout=0.0, rngs=nnx.Rngs(0))
+  model = BERT(TINY_BERT, V, rngs=nnx.Rngs(0))
   model.eval()
   tokens = tokens_like(9, (4, 10))
   types = (jnp.arange(10)[None] >= 5).astype(jnp.int32).repeat(4, 0)
@@ -337,17 +347,10 @@ def test_embedding_dropout_drops_whole_word_types():
 
 
 def test_train_mode_applies_dropout_and_eval_mode_does_not():
-  model = LSTMLM(
-    V,
-    embed_dim=8,
-    hidden_size=16,
-    num_layers=2,
-    embed_dropout=0.1,
-    input_dropout=0.2,
-    hidden_dropout=0.2,
-    output_dropout=0.2,
-    rngs=nnx.Rngs(params=0, dropout=1),
+  cfg = LSTMLMConfig(
+    embed_dim=8, hidden_size=16, embed_dropout=0.1, input_dropout=0.2, hidden_dropout=0.2, output_dropout=0.2
   )
+  model = LSTMLM(cfg, V, rngs=nnx.Rngs(params=0, dropout=1))
   apply = nnx.jit(lambda m, t: m(t))  # nnx.jit carries the advanced dropout RNG back into the model
   tokens = tokens_like(12)
   model.eval()
@@ -370,20 +373,51 @@ def _config(name, **fields):
 @pytest.mark.parametrize(
   'name,fields,field',
   [
-    ('gpt', dict(num_heads=3), 'num_heads'),
+    ('gpt', dict(num_heads=3), 'num_heads'),  # does not divide d_model=128
+    ('gpt', dict(num_kv_heads=3), 'num_kv_heads'),
+    ('gpt', dict(mlp_hidden=0), 'mlp_hidden'),
+    ('gpt', dict(max_len=0), 'max_len'),
     ('gpt', dict(positions='sinusoidal'), 'positions'),
+    ('gpt', dict(positions='rotary', d_model=12, num_heads=4), 'positions'),  # odd head size 3
+    ('gpt', dict(activation='swish'), 'activation'),
+    ('gpt', dict(dropout=1.0), 'dropout'),
+    ('gpt', dict(attention_impl='cuda'), 'attention_impl'),
+    ('gpt', dict(classifier_dropout=-0.1), 'classifier_dropout'),
     ('lstm_lm', dict(hidden_size=0), 'hidden_size'),
     ('lstm_lm', dict(proj_size=300), 'proj_size'),
+    ('lstm_lm', dict(proj_size=-1), 'proj_size'),
     ('lstm_lm', dict(hidden_dropout=1.5), 'hidden_dropout'),
+    ('lstm_lm', dict(embed_dropout=float('nan')), 'embed_dropout'),
     ('lstm_attn', dict(attention_layers=(5,)), 'attention_layers'),
+    ('lstm_attn', dict(num_heads=3), 'num_heads'),
+    ('lstm_attn', dict(boom_hidden=-1), 'boom_hidden'),
+    ('lstm_attn', dict(embed_dropout=1.0), 'embed_dropout'),
     ('bert', dict(pre_norm='yes'), 'pre_norm'),
     ('bert', dict(dtype='int8'), 'dtype'),
-    ('gpt', dict(attention_impl='cuda'), 'implementation'),
+    ('bert', dict(type_vocab_size=0), 'type_vocab_size'),
+    ('bert', dict(norm_epsilon=0.0), 'norm_epsilon'),
+    ('bert', dict(num_layers=0), 'num_layers'),
   ],
 )
 def test_bad_config_values_name_the_field(name, fields, field):
-  with pytest.raises(ValueError, match=field):
+  """Through build_model and through the dataclass alike, the error names config.model.<field> and the
+  value (the dataclass is the one place values are checked)."""
+  value = repr(fields[field]) if field in fields else ''
+  with pytest.raises(ValueError, match=rf'config\.model\.{field}\b.*{re.escape(value)}'):
     build_model(_config(name, **fields), vocab_size=V, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=rf'config\.model\.{field}\b'):
+    MODEL_SPECS[name].config(**fields)
+
+
+@pytest.mark.parametrize('name', sorted(MODEL_SPECS))
+def test_lm_and_trunk_take_only_their_config(name):
+  """Defaults live in the config dataclass alone: LM and trunk take (config, vocab_size, *, rngs)."""
+  spec = MODEL_SPECS[name]
+  lm = spec.lm(spec.config(num_layers=1), 5, rngs=nnx.Rngs(0))
+  for cls in (spec.lm, type(lm.backbone)):
+    params = inspect.signature(cls.__init__).parameters
+    assert list(params) == ['self', 'config', 'vocab_size', 'rngs'], (cls.__name__, list(params))
+    assert all(p.default is inspect.Parameter.empty for p in params.values()), cls.__name__
 
 
 def test_bad_config_structure():
@@ -396,22 +430,23 @@ def test_bad_config_structure():
   # Fields of another family are ignored, so --config.model.name can switch family on a built config.
   cfg = default_model_config('bert')
   cfg.name = 'gpt'
-  name, kwargs, _ = model_kwargs(cfg)
-  assert name == 'gpt' and 'type_vocab_size' not in kwargs and kwargs['dropout'] == 0.1
+  spec, gpt_cfg = model_config(cfg)
+  assert spec.name == 'gpt' and isinstance(gpt_cfg, GPTConfig) and gpt_cfg.dropout == 0.1
+  assert not hasattr(gpt_cfg, 'type_vocab_size')
   cfg = _config('lstm_lm')
   cfg.num_classes = 1
   with pytest.raises(ValueError, match='num_classes'):
     build_model(cfg, vocab_size=V, rngs=nnx.Rngs(0))
   cfg.num_classes = 3
   cfg.model.pooling = 'cls'
-  with pytest.raises(ValueError, match='pooling'):
+  with pytest.raises(ValueError, match='config.model.pooling'):
     build_model(cfg, vocab_size=V, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match='vocab_size'):
+  with pytest.raises(ValueError, match='vocab_size must be a positive integer, got 0'):
     build_model(_config('gpt'), vocab_size=0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='tokens'):
     make('gpt_learned')(jnp.zeros((2, 3, 1), jnp.int32))
-  with pytest.raises(ValueError, match='d_model must be a positive integer, got 16.0'):
-    GPT(V, d_model=16.0, num_layers=2, num_heads=2, max_len=16, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='config.model.d_model must be an int, got 16.0'):
+    GPTConfig(d_model=16.0)
 
 
 @pytest.mark.parametrize('name', sorted(CAUSAL))
@@ -449,5 +484,5 @@ def test_gpt_use_bias_false_drops_every_bias():
   nnx.update(with_bias, nnx.state(no_bias, nnx.Param))  # the biases stay at their zero init
   tokens = jnp.asarray(np.random.default_rng(7).integers(0, V, (3, 7)), jnp.int32)
   assert_close(no_bias(tokens), with_bias(tokens))
-  with pytest.raises(ValueError, match='use_bias'):
+  with pytest.raises(ValueError, match='config.model.use_bias'):
     build_model(_config('gpt', use_bias='no'), vocab_size=V, rngs=nnx.Rngs(0))

@@ -30,8 +30,12 @@ def test_mlp_activations_match_numpy():
   for activation in ('gelu', 'gelu_tanh', 'relu', 'silu'):
     mlp = MLP(16, 24, activation=activation, rngs=nnx.Rngs(1))
     assert_close(nnx.jit(lambda m, x: m(x))(mlp, x), _np_mlp(mlp, x, activation), what=activation)
-  with pytest.raises(ValueError, match='activation'):
-    MLP(16, 24, activation='swish', rngs=nnx.Rngs(0))
+  # The block checks its arguments once (the MLP it builds trusts them): activation here, the head counts
+  # and dropout in its MultiHeadAttention.
+  with pytest.raises(ValueError, match=r"activation must be one of .*got 'swish'"):
+    TransformerBlock(16, 2, 24, activation='swish', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'dropout must be a number in \[0, 1\), got 1.0'):
+    TransformerBlock(16, 2, 24, dropout=1.0, rngs=nnx.Rngs(0))
 
 
 def _np_block(block, x, keep, pre_norm, positions=None):

@@ -14,6 +14,7 @@ from flax import nnx
 from lstm_attn.attention.kv_cache import KVCache
 from lstm_attn.attention.ops import IMPLEMENTATIONS, dot_product_attention
 from lstm_attn.attention.rotary import apply_tables, rotary_tables
+from lstm_attn.checks import check_rate
 from lstm_attn.kernels import reference
 
 
@@ -69,8 +70,7 @@ class MultiHeadAttention(nnx.Module):
       raise ValueError(f'rotary=True needs an even head_dim, got {head_dim}.')
     if implementation is not None and implementation not in IMPLEMENTATIONS:
       raise ValueError(f'implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.')
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got {dropout}.')
+    check_rate('dropout', dropout)
     kv_features = in_features if kv_features is None else kv_features
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.in_features = in_features

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lstm_attn.checks import check_rate
+
 LM_MODES = ('random', 'sequential')
 
 
@@ -37,12 +39,6 @@ def _check_positive(name, value, minimum=1):
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
     raise ValueError(f'{name}: expected an int >= {minimum}, got {value!r}')
   return int(value)
-
-
-def _check_rate(name, value):
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f'{name}: expected a probability in [0, 1], got {value}')
-  return float(value)
 
 
 def _check_ids(name, tokens, vocab_size):
@@ -229,7 +225,7 @@ def mlm_mask(
   tokens = np.asarray(tokens)
   if not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f'tokens: expected integer token ids, got dtype {tokens.dtype}')
-  _check_rate('mask_rate', mask_rate)
+  check_rate('mask_rate', mask_rate, closed=True)
   special = np.asarray(sorted(set(int(i) for i in special_ids)), np.int64)
   allowed = np.setdiff1d(np.arange(vocab_size), special)  # ids a random replacement may take
   if not len(allowed):
@@ -283,7 +279,7 @@ class MLMBatcher(_Batcher):
     self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.vocab_size, self.special_ids = _specials(
       tokenizer
     )
-    self.mask_rate = _check_rate('mask_rate', mask_rate)
+    self.mask_rate = check_rate('mask_rate', mask_rate, closed=True)
     _check_ids('tokens', self.tokens, self.vocab_size)
     if len(self.tokens) < seq_len - 2:
       raise ValueError(
@@ -344,7 +340,7 @@ class BertBatcher(_Batcher):
     self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.vocab_size, self.special_ids = _specials(
       tokenizer
     )
-    self.mask_rate = _check_rate('mask_rate', mask_rate)
+    self.mask_rate = check_rate('mask_rate', mask_rate, closed=True)
     docs = [tokenizer.encode(d) if isinstance(d, str) else _as_tokens(d, 'documents[i]') for d in documents]
     for d in docs:
       _check_ids('documents', d, self.vocab_size)

@@ -4,9 +4,10 @@
 
 `config.model.name` picks the family (`specs.MODEL_SPECS`); the other `config.model` fields are that
 family's config dataclass in `specs.py` (`LSTMLMConfig`, `HybridConfig`, `GPTConfig`, `BERTConfig`, each
-with `dtype`, `pooling` and `classifier_dropout` from `ModelConfig`): the one place their defaults and
-types live. Any field left out takes its default; a field no family knows (a typo) or a wrong type is a
-ValueError naming `config.model.<field>`; bad values are caught by the model and named the same way.
+with `dtype`, `pooling` and `classifier_dropout` from `ModelConfig`): the one place their defaults, types
+and value checks live. Every LM and trunk takes that dataclass (`GPT(GPTConfig(d_model=64), vocab_size,
+rngs=rngs)`) and checks nothing again. Any field left out takes its default; a field no family knows (a
+typo), a wrong type or a bad value is a ValueError naming `config.model.<field>`.
 Fields of the other families are ignored, so `--config.model.name` can switch family on a config built
 for another. `default_model_config(name)` returns a ConfigDict with every field of one family (None
 defaults as typed placeholders, settable from the command line).
@@ -25,12 +26,21 @@ from flax import nnx
 from ml_collections import config_dict
 
 from lstm_attn.models.bert import BERT, BERTTrunk
-from lstm_attn.models.common import count_params, parse_dtype
+from lstm_attn.models.common import count_params
 from lstm_attn.models.gpt import GPT, GPTTrunk
 from lstm_attn.models.heads import SequenceClassifier
 from lstm_attn.models.hybrid import HybridTrunk, LSTMAttentionLM
 from lstm_attn.models.lstm_lm import LSTMLM, LSTMTrunk
-from lstm_attn.models.specs import MODEL_SPECS, ModelConfig, ModelSpec, model_spec
+from lstm_attn.models.specs import (
+  MODEL_SPECS,
+  BERTConfig,
+  GPTConfig,
+  HybridConfig,
+  LSTMLMConfig,
+  ModelConfig,
+  ModelSpec,
+  model_spec,
+)
 
 __all__ = [
   'BERT',
@@ -38,11 +48,17 @@ __all__ = [
   'LSTMLM',
   'LSTMAttentionLM',
   'SequenceClassifier',
+  'BERTConfig',
+  'GPTConfig',
+  'HybridConfig',
+  'LSTMLMConfig',
+  'ModelConfig',
   'MODEL_REGISTRY',
   'MODEL_SPECS',
   'ModelSpec',
   'model_spec',
   'build_model',
+  'model_config',
   'default_model_config',
   'count_params',
   'BERTTrunk',
@@ -107,38 +123,20 @@ def model_config(model_config) -> tuple[ModelSpec, ModelConfig]:
   return spec, cfg
 
 
-def model_kwargs(config_model) -> tuple[str, dict, dict]:
-  """Validates config.model; returns (name, LM constructor kwargs, classifier options)."""
-  spec, cfg = model_config(config_model)
-  kwargs = cfg.model_kwargs()
-  kwargs['dtype'] = parse_dtype(cfg.dtype, 'config.model.dtype')
-  return spec.name, kwargs, {'pooling': cfg.pooling, 'dropout': cfg.classifier_dropout}
-
-
 def build_model(config, *, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
   """The model named by config.model.name (a SequenceClassifier over its trunk if config.num_classes)."""
-  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-    raise ValueError(f'vocab_size must be a positive integer, got {vocab_size!r}.')
   if 'model' not in config:
     raise ValueError('config has no `model` section; see lstm_attn.models for its fields.')
-  name, kwargs, head = model_kwargs(config.model)
-  num_classes = config.get('num_classes', None) if hasattr(config, 'get') else None
+  spec, cfg = model_config(config.model)
+  num_classes = config.get('num_classes', None)
   if num_classes is not None and (
     isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
   ):
     raise ValueError(f'config.num_classes must be None or an integer >= 2, got {num_classes!r}.')
-  try:
-    lm = MODEL_REGISTRY[name](vocab_size, **kwargs, rngs=rngs)
-  except ValueError as e:
-    raise ValueError(f'bad config.model (name={name!r}): {e}') from None
+  lm = spec.lm(cfg, vocab_size, rngs=rngs)
   if num_classes is None:
     return lm
   # The LM is built whole (so the trunk is initialised exactly as in pre-training) and its trunk kept.
-  try:
-    return SequenceClassifier(
-      name, lm.backbone, num_classes, pooling=head['pooling'], dropout=head['dropout'], rngs=rngs
-    )
-  except ValueError as e:
-    raise ValueError(
-      f'bad classifier config (config.model.pooling / classifier_dropout / num_classes): {e}'
-    ) from None
+  return SequenceClassifier(
+    spec.name, lm.backbone, num_classes, pooling=cfg.pooling, dropout=cfg.classifier_dropout, rngs=rngs
+  )

@@ -18,79 +18,56 @@ Parameter layout (the pooler is part of the backbone, so fine-tuning on [CLS] re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lstm_attn.models.common import TrunkOutput, check_sizes, check_tokens, normal_reinit
+from lstm_attn.models.common import TrunkOutput, check_tokens, check_vocab_size, normal_reinit
 from lstm_attn.transformer import ACTIVATIONS, TransformerBlock
+
+if TYPE_CHECKING:
+  from lstm_attn.models.specs import BERTConfig
 
 Array = jax.Array
 
 
 class BERTTrunk(nnx.Module):
-  """Embeddings, encoder blocks and the [CLS] pooler: the reusable backbone."""
+  """Embeddings, encoder blocks and the [CLS] pooler: the reusable backbone.
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    d_model: int,
-    num_layers: int,
-    num_heads: int,
-    mlp_hidden: int,
-    max_len: int,
-    type_vocab_size: int,
-    dropout: float,
-    pre_norm: bool,
-    activation: str,
-    norm_epsilon: float = 1e-12,
-    implementation=None,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    check_sizes(
-      vocab_size=vocab_size,
-      d_model=d_model,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      mlp_hidden=mlp_hidden,
-      max_len=max_len,
-      type_vocab_size=type_vocab_size,
-    )
-    if d_model % num_heads:
-      raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
-    if activation not in ACTIVATIONS:
-      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
-    if not 0.0 <= float(dropout) < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got {dropout!r}.')
-    self.max_len, self.type_vocab_size, self.pre_norm = max_len, type_vocab_size, bool(pre_norm)
+  config: a BERTConfig (checked when it was made).
+  """
+
+  def __init__(self, config: BERTConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    check_vocab_size(vocab_size)
+    d_model, dtype, eps = config.d_model, config.compute_dtype, config.norm_epsilon
+    self.max_len, self.type_vocab_size = config.max_len, config.type_vocab_size
+    self.pre_norm = config.pre_norm
     self.word_embeddings = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
     self.features = d_model  # the size of each hidden state the trunk returns
-    self.position_embeddings = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs)
-    self.token_type_embeddings = nnx.Embed(type_vocab_size, d_model, dtype=dtype, rngs=rngs)
-    self.embed_norm = nnx.LayerNorm(d_model, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
-    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    self.position_embeddings = nnx.Embed(config.max_len, d_model, dtype=dtype, rngs=rngs)
+    self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d_model, dtype=dtype, rngs=rngs)
+    self.embed_norm = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
+    self.drop = nnx.Dropout(config.dropout, rngs=rngs)
     self.blocks = nnx.List(
       [
         TransformerBlock(
           d_model,
-          num_heads,
-          mlp_hidden,
-          dropout=dropout,
-          pre_norm=self.pre_norm,
-          activation=activation,
-          norm_epsilon=norm_epsilon,
-          implementation=implementation,
+          config.num_heads,
+          config.mlp_width,
+          dropout=config.dropout,
+          pre_norm=config.pre_norm,
+          activation=config.activation,
+          norm_epsilon=eps,
+          implementation=config.attention_impl,
           dtype=dtype,
           rngs=rngs,
         )
-        for _ in range(num_layers)
+        for _ in range(config.num_layers)
       ]
     )
-    self.final_norm = (
-      nnx.LayerNorm(d_model, epsilon=norm_epsilon, dtype=dtype, rngs=rngs) if self.pre_norm else None
-    )
+    self.final_norm = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs) if config.pre_norm else None
     self.pooler = nnx.Linear(d_model, d_model, dtype=dtype, rngs=rngs)
     normal_reinit(self, rngs.params(), std=0.02)
 
@@ -126,47 +103,17 @@ class BERTTrunk(nnx.Module):
 
 
 class BERT(nnx.Module):
-  """Encoder with MLM and NSP heads. `model(tokens, token_type_ids) -> (mlm [B, T, V], nsp [B, 2])`."""
+  """Encoder with MLM and NSP heads. `model(tokens, token_type_ids) -> (mlm [B, T, V], nsp [B, 2])`.
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    d_model: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    mlp_hidden: int | None = None,
-    max_len: int = 256,
-    type_vocab_size: int = 2,
-    dropout: float = 0.1,
-    pre_norm: bool = False,
-    activation: str = 'gelu',
-    norm_epsilon=1e-12,
-    implementation=None,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    mlp_hidden = 4 * d_model if mlp_hidden is None else mlp_hidden
-    self.backbone = BERTTrunk(
-      vocab_size,
-      d_model=d_model,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      mlp_hidden=mlp_hidden,
-      max_len=max_len,
-      type_vocab_size=type_vocab_size,
-      dropout=dropout,
-      pre_norm=pre_norm,
-      activation=activation,
-      norm_epsilon=norm_epsilon,
-      implementation=implementation,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.activation = activation
-    init = nnx.initializers.normal(0.02)
+  config: a BERTConfig, e.g. `BERT(BERTConfig(d_model=64), vocab_size, rngs=nnx.Rngs(0))`.
+  """
+
+  def __init__(self, config: BERTConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    self.backbone = BERTTrunk(config, vocab_size, rngs=rngs)
+    self.activation = config.activation
+    d_model, dtype, init = config.d_model, config.compute_dtype, nnx.initializers.normal(0.02)
     self.mlm_transform = nnx.Linear(d_model, d_model, dtype=dtype, kernel_init=init, rngs=rngs)
-    self.mlm_norm = nnx.LayerNorm(d_model, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
+    self.mlm_norm = nnx.LayerNorm(d_model, epsilon=config.norm_epsilon, dtype=dtype, rngs=rngs)
     self.mlm_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
     self.nsp = nnx.Linear(d_model, 2, dtype=dtype, kernel_init=init, rngs=rngs)
 

@@ -24,21 +24,11 @@ class TrunkOutput(NamedTuple):
   cache: Any = None
 
 
-def parse_dtype(name, field='model.dtype'):
-  """'float32' / 'bfloat16' / 'float16' / None (= float32) -> a jnp dtype; anything else is a ValueError."""
-  if name is None:
-    return None
-  if isinstance(name, str):
-    if name not in _DTYPES:
-      raise ValueError(f'{field} must be one of {sorted(_DTYPES)} or None, got {name!r}.')
-    return _DTYPES[name]
-  try:
-    dtype = jnp.dtype(name)
-  except TypeError:
-    raise ValueError(f'{field} must be one of {sorted(_DTYPES)} or None, got {name!r}.') from None
-  if dtype not in [jnp.dtype(d) for d in _DTYPES.values()]:
+def parse_dtype(name: str | None, field: str = 'config.model.dtype'):
+  """'float32' / 'bfloat16' / 'float16' -> that jnp dtype; None stays None (the params' float32)."""
+  if name is not None and name not in _DTYPES:
     raise ValueError(f'{field} must be one of {sorted(_DTYPES)} or None, got {name!r}.')
-  return dtype
+  return None if name is None else _DTYPES[name]
 
 
 def uniform_init(scale: float):
@@ -128,11 +118,10 @@ def residual_std(num_layers: int, std: float = 0.02) -> float:
   return std / math.sqrt(2 * num_layers)
 
 
-def check_sizes(**sizes) -> None:
-  """Raises ValueError naming the first size argument that is not a positive integer."""
-  for name, v in sizes.items():
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f'{name} must be a positive integer, got {v!r}.')
+def check_vocab_size(vocab_size) -> None:
+  """vocab_size (the one model size not in the config: it comes from the tokenizer) is a positive int."""
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+    raise ValueError(f'vocab_size must be a positive integer, got {vocab_size!r}.')
 
 
 def check_tokens(tokens, name='tokens', *, vocab_size: int | None = None):

@@ -21,6 +21,8 @@ Parameter layout:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,14 +31,17 @@ from flax import nnx
 from lstm_attn.attention import KVCache
 from lstm_attn.models.common import (
   TrunkOutput,
-  check_sizes,
   check_tokens,
+  check_vocab_size,
   count_params,
   normal_reinit,
   residual_std,
   segment_positions,
 )
-from lstm_attn.transformer import ACTIVATIONS, TransformerBlock
+from lstm_attn.transformer import TransformerBlock
+
+if TYPE_CHECKING:
+  from lstm_attn.models.specs import GPTConfig
 
 Array = jax.Array
 POSITIONS = ('learned', 'rotary')
@@ -48,75 +53,46 @@ def _is_residual_projection(path) -> bool:
 
 
 class GPTTrunk(nnx.Module):
-  """Token (+ position) embedding, pre-LN blocks and the final LayerNorm: the reusable backbone."""
+  """Token (+ position) embedding, pre-LN blocks and the final LayerNorm: the reusable backbone.
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    d_model: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int | None,
-    mlp_hidden: int,
-    max_len: int,
-    positions: str,
-    dropout: float,
-    activation: str,
-    use_bias: bool = True,
-    implementation=None,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    check_sizes(
-      vocab_size=vocab_size,
-      d_model=d_model,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      mlp_hidden=mlp_hidden,
-      max_len=max_len,
-    )
-    if positions not in POSITIONS:
-      raise ValueError(f'positions must be one of {POSITIONS}, got {positions!r}.')
-    if d_model % num_heads:
-      raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
-    if num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
-      raise ValueError(f'num_kv_heads must divide num_heads ({num_heads}), got {num_kv_heads!r}.')
-    if activation not in ACTIVATIONS:
-      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
-    if not 0.0 <= float(dropout) < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got {dropout!r}.')
-    self.num_layers, self.max_len, self.positions = num_layers, max_len, positions
+  config: a GPTConfig (checked when it was made).
+  """
+
+  def __init__(self, config: GPTConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    check_vocab_size(vocab_size)
+    d_model, dtype = config.d_model, config.compute_dtype
+    self.num_layers, self.max_len, self.positions = config.num_layers, config.max_len, config.positions
     self.dtype = dtype
     self.wte = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
     self.features = d_model  # the size of each hidden state the trunk returns
-    self.wpe = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs) if positions == 'learned' else None
-    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    learned = config.positions == 'learned'
+    self.wpe = nnx.Embed(config.max_len, d_model, dtype=dtype, rngs=rngs) if learned else None
+    self.drop = nnx.Dropout(config.dropout, rngs=rngs)
     self.blocks = nnx.List(
       [
         TransformerBlock(
           d_model,
-          num_heads,
-          mlp_hidden,
-          num_kv_heads=num_kv_heads,
-          dropout=dropout,
+          config.num_heads,
+          config.mlp_width,
+          num_kv_heads=config.num_kv_heads,
+          dropout=config.dropout,
           pre_norm=True,
-          rotary=positions == 'rotary',
-          activation=activation,
-          use_bias=use_bias,
-          implementation=implementation,
+          rotary=config.positions == 'rotary',
+          activation=config.activation,
+          use_bias=config.use_bias,
+          implementation=config.attention_impl,
           dtype=dtype,
           rngs=rngs,
         )
-        for _ in range(num_layers)
+        for _ in range(config.num_layers)
       ]
     )
-    self.ln_f = nnx.LayerNorm(d_model, epsilon=1e-5, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(d_model, epsilon=1e-5, use_bias=config.use_bias, dtype=dtype, rngs=rngs)
     normal_reinit(
       self,
       rngs.params(),
       std=0.02,
-      residual_std=residual_std(num_layers),
+      residual_std=residual_std(config.num_layers),
       is_residual=_is_residual_projection,
     )
 
@@ -169,50 +145,24 @@ class GPTTrunk(nnx.Module):
 
 
 class GPT(nnx.Module):
-  """Causal Transformer language model. `model(tokens) -> logits [B, T, vocab]` (float32)."""
+  """Causal Transformer language model. `model(tokens) -> logits [B, T, vocab]` (float32).
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    d_model: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    mlp_hidden: int | None = None,
-    max_len: int = 256,
-    positions: str = 'learned',
-    dropout: float = 0.0,
-    tie_embeddings: bool = True,
-    activation: str = 'gelu_tanh',
-    use_bias: bool = True,
-    implementation=None,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    mlp_hidden = 4 * d_model if mlp_hidden is None else mlp_hidden
-    self.backbone = GPTTrunk(
-      vocab_size,
-      d_model=d_model,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      mlp_hidden=mlp_hidden,
-      max_len=max_len,
-      positions=positions,
-      dropout=dropout,
-      activation=activation,
-      use_bias=use_bias,
-      implementation=implementation,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.tie_embeddings = bool(tie_embeddings)
+  config: a GPTConfig, e.g. `GPT(GPTConfig(d_model=64, num_layers=2), vocab_size, rngs=nnx.Rngs(0))`.
+  """
+
+  def __init__(self, config: GPTConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    self.backbone = GPTTrunk(config, vocab_size, rngs=rngs)
+    self.tie_embeddings = config.tie_embeddings
     self.lm_head = (
       None
       if self.tie_embeddings
       else nnx.Linear(
-        d_model, vocab_size, use_bias=False, dtype=dtype, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
+        config.d_model,
+        vocab_size,
+        use_bias=False,
+        dtype=config.compute_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
       )
     )
 

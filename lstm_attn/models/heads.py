@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lstm_attn.checks import check_rate
 from lstm_attn.models.common import gather_last_valid
 from lstm_attn.models.specs import model_spec
 
@@ -58,8 +59,7 @@ class SequenceClassifier(nnx.Module):
     pooling = spec.default_pooling if pooling is None else pooling
     if pooling not in spec.poolings:
       raise ValueError(f'pooling must be one of {spec.poolings} for a {family!r} backbone, got {pooling!r}.')
-    if not 0.0 <= float(dropout) < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got {dropout!r}.')
+    check_rate('dropout', dropout)
     self.family, self.pooling, self.num_classes = family, pooling, int(num_classes)
     self.takes_token_types = spec.uses_cls_token
     self.backbone = backbone

@@ -21,7 +21,7 @@ Parameter layout:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,13 @@ from lstm_attn.models.common import (
   EmbeddingDropout,
   LockedDropout,
   TrunkOutput,
-  check_sizes,
   check_tokens,
+  check_vocab_size,
   uniform_init,
 )
+
+if TYPE_CHECKING:
+  from lstm_attn.models.specs import HybridConfig
 
 Array = jax.Array
 
@@ -107,59 +110,35 @@ class HybridBlock(nnx.Module):
 
 
 class HybridTrunk(nnx.Module):
-  """Embedding, residual LSTM/attention blocks and a final LayerNorm: the reusable backbone."""
+  """Embedding, residual LSTM/attention blocks and a final LayerNorm: the reusable backbone.
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    d_model: int,
-    num_layers: int,
-    attention_layers,
-    num_heads: int,
-    boom_hidden: int,
-    dropout: float,
-    embed_dropout: float,
-    implementation=None,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    check_sizes(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads)
-    if d_model % num_heads:
-      raise ValueError(f'd_model ({d_model}) must be divisible by num_heads ({num_heads}).')
-    if int(boom_hidden) < 0:
-      raise ValueError(f'boom_hidden must be >= 0 (0 = no boom layer), got {boom_hidden!r}.')
-    for name, v in (('dropout', dropout), ('embed_dropout', embed_dropout)):
-      if not (0.0 <= float(v) < 1.0):
-        raise ValueError(f'{name} must be in [0, 1), got {v!r}.')
-    attn = set()
-    for i in attention_layers:
-      if not -num_layers <= int(i) < num_layers:
-        raise ValueError(
-          f'attention_layers entries must index the {num_layers} layers, got {tuple(attention_layers)!r}.'
-        )
-      attn.add(int(i) % num_layers)
-    self.num_layers = num_layers
+  config: a HybridConfig (checked when it was made).
+  """
+
+  def __init__(self, config: HybridConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    check_vocab_size(vocab_size)
+    d_model, dtype = config.d_model, config.compute_dtype
+    self.num_layers = config.num_layers
     self.d_model = d_model
     self.features = d_model  # the size of each hidden state the trunk returns
-    self.attention_layers = tuple(sorted(attn))
+    self.attention_layers = config.attending_blocks
     self.dtype = dtype
     self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
-    self.embed_dropout = EmbeddingDropout(embed_dropout, rngs=rngs)
-    self.input_dropout = LockedDropout(dropout, rngs=rngs)
+    self.embed_dropout = EmbeddingDropout(config.embed_dropout, rngs=rngs)
+    self.input_dropout = LockedDropout(config.dropout, rngs=rngs)
     self.blocks = nnx.List(
       [
         HybridBlock(
           d_model,
-          attention=i in attn,
-          num_heads=num_heads,
-          boom_hidden=boom_hidden,
-          dropout=dropout,
-          implementation=implementation,
+          attention=i in self.attention_layers,
+          num_heads=config.num_heads,
+          boom_hidden=config.boom_hidden,
+          dropout=config.dropout,
+          implementation=config.attention_impl,
           dtype=dtype,
           rngs=rngs,
         )
-        for i in range(num_layers)
+        for i in range(config.num_layers)
       ]
     )
     self.final_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
@@ -202,40 +181,20 @@ class HybridTrunk(nnx.Module):
 
 
 class LSTMAttentionLM(nnx.Module):
-  """SHA-RNN-style language model. `model(tokens) -> logits [B, T, vocab]` (float32)."""
+  """SHA-RNN-style language model. `model(tokens) -> logits [B, T, vocab]` (float32).
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    d_model: int = 256,
-    num_layers: int = 2,
-    attention_layers=(-1,),
-    num_heads: int = 1,
-    boom_hidden: int = 0,
-    dropout: float = 0.0,
-    embed_dropout: float = 0.0,
-    tie_embeddings: bool = True,
-    implementation=None,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    self.backbone = HybridTrunk(
-      vocab_size,
-      d_model=d_model,
-      num_layers=num_layers,
-      attention_layers=attention_layers,
-      num_heads=num_heads,
-      boom_hidden=boom_hidden,
-      dropout=dropout,
-      embed_dropout=embed_dropout,
-      implementation=implementation,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.tie_embeddings = bool(tie_embeddings)
+  config: a HybridConfig, e.g. `LSTMAttentionLM(HybridConfig(num_layers=4), vocab_size, rngs=nnx.Rngs(0))`.
+  """
+
+  def __init__(self, config: HybridConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    self.backbone = HybridTrunk(config, vocab_size, rngs=rngs)
+    self.tie_embeddings = config.tie_embeddings
     self.decoder_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32)) if self.tie_embeddings else None
-    self.decoder = None if self.tie_embeddings else nnx.Linear(d_model, vocab_size, dtype=dtype, rngs=rngs)
+    self.decoder = (
+      None
+      if self.tie_embeddings
+      else nnx.Linear(config.d_model, vocab_size, dtype=config.compute_dtype, rngs=rngs)
+    )
 
   def logits_from_hidden(self, h):
     if self.tie_embeddings:

@@ -15,6 +15,8 @@ h [num_layers, batch, width] and c [num_layers, batch, hidden_size], as in torch
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,17 +26,15 @@ from lstm_attn.models.common import (
   EmbeddingDropout,
   LockedDropout,
   TrunkOutput,
-  check_sizes,
   check_tokens,
+  check_vocab_size,
   uniform_init,
 )
 
+if TYPE_CHECKING:
+  from lstm_attn.models.specs import LSTMLMConfig
+
 Array = jax.Array
-
-
-def _check_rate(name, rate):
-  if not (0.0 <= float(rate) < 1.0):
-    raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
 
 
 class LSTMTrunk(nnx.Module):
@@ -42,47 +42,33 @@ class LSTMTrunk(nnx.Module):
 
   Each layer is its own single-layer LSTM so a locked dropout mask (one per sequence, shared over time) can
   sit between layers; torch.nn.LSTM's inter-layer dropout draws a fresh mask per step instead.
+  config: an LSTMLMConfig (checked when it was made).
   """
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    embed_dim: int,
-    hidden_size: int,
-    num_layers: int,
-    proj_size: int = 0,
-    embed_dropout: float = 0.0,
-    input_dropout: float = 0.0,
-    hidden_dropout: float = 0.0,
-    output_dropout: float = 0.0,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    check_sizes(vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers)
-    if not (proj_size == 0 or 0 < proj_size < hidden_size):
-      raise ValueError(f'proj_size must be 0 or in (0, hidden_size={hidden_size}), got {proj_size!r}.')
-    for name, v in (
-      ('embed_dropout', embed_dropout),
-      ('input_dropout', input_dropout),
-      ('hidden_dropout', hidden_dropout),
-      ('output_dropout', output_dropout),
-    ):
-      _check_rate(name, v)
-    self.num_layers = num_layers
-    self.hidden_size = hidden_size
-    self.width = proj_size or hidden_size
+  def __init__(self, config: LSTMLMConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    check_vocab_size(vocab_size)
+    dtype = config.compute_dtype
+    self.num_layers = config.num_layers
+    self.hidden_size = config.hidden_size
+    self.width = config.width
     self.features = self.width  # the size of each hidden state the trunk returns
     self.dtype = dtype
+    embed_dim = config.embed_dim
     self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
-    self.embed_dropout = EmbeddingDropout(embed_dropout, rngs=rngs)
-    self.input_dropout = LockedDropout(input_dropout, rngs=rngs)
-    self.hidden_dropout = LockedDropout(hidden_dropout, rngs=rngs)
-    self.output_dropout = LockedDropout(output_dropout, rngs=rngs)
+    self.embed_dropout = EmbeddingDropout(config.embed_dropout, rngs=rngs)
+    self.input_dropout = LockedDropout(config.input_dropout, rngs=rngs)
+    self.hidden_dropout = LockedDropout(config.hidden_dropout, rngs=rngs)
+    self.output_dropout = LockedDropout(config.output_dropout, rngs=rngs)
     self.layers = nnx.List(
       [
-        LSTM(embed_dim if i == 0 else self.width, hidden_size, proj_size=proj_size, dtype=dtype, rngs=rngs)
-        for i in range(num_layers)
+        LSTM(
+          embed_dim if i == 0 else self.width,
+          config.hidden_size,
+          proj_size=config.proj_size,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(config.num_layers)
       ]
     )
 
@@ -117,40 +103,16 @@ class LSTMTrunk(nnx.Module):
 
 
 class LSTMLM(nnx.Module):
-  """Next-token LSTM language model. `model(tokens) -> logits [B, T, vocab]` (float32)."""
+  """Next-token LSTM language model. `model(tokens) -> logits [B, T, vocab]` (float32).
 
-  def __init__(
-    self,
-    vocab_size: int,
-    *,
-    embed_dim: int = 128,
-    hidden_size: int = 256,
-    num_layers: int = 2,
-    proj_size: int = 0,
-    tie_embeddings: bool = True,
-    embed_dropout: float = 0.0,
-    input_dropout: float = 0.0,
-    hidden_dropout: float = 0.0,
-    output_dropout: float = 0.0,
-    dtype=None,
-    rngs: nnx.Rngs,
-  ):
-    self.backbone = LSTMTrunk(
-      vocab_size,
-      embed_dim=embed_dim,
-      hidden_size=hidden_size,
-      num_layers=num_layers,
-      proj_size=proj_size,
-      embed_dropout=embed_dropout,
-      input_dropout=input_dropout,
-      hidden_dropout=hidden_dropout,
-      output_dropout=output_dropout,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.tie_embeddings = bool(tie_embeddings)
-    width = self.backbone.width
-    tied = self.tie_embeddings
+  config: an LSTMLMConfig, e.g. `LSTMLM(LSTMLMConfig(hidden_size=512), vocab_size, rngs=nnx.Rngs(0))`.
+  """
+
+  def __init__(self, config: LSTMLMConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    self.backbone = LSTMTrunk(config, vocab_size, rngs=rngs)
+    dtype = config.compute_dtype
+    self.tie_embeddings = tied = config.tie_embeddings
+    width, embed_dim = config.width, config.embed_dim
     # Each attribute is assigned once: None where the option leaves it out.
     self.out_proj = (
       nnx.Linear(width, embed_dim, dtype=dtype, rngs=rngs) if tied and width != embed_dim else None

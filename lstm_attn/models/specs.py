@@ -3,6 +3,7 @@ checks), its LM class, and what the trainer, the inputs, the heads and sampling 
 
     spec = model_spec('gpt')        # ModelSpec(name='gpt', config=GPTConfig, lm=GPT, objective='lm', ...)
     cfg = spec.config(d_model=64)   # GPTConfig, checked once in __post_init__ (errors name the field)
+    model = spec.lm(cfg, vocab_size, rngs=rngs)   # every LM and trunk takes its family's config
 
 Nothing outside this module compares `config.model.name` with a family's name: ask the spec instead
 (`objective`, `carries_state`, `uses_cls_token`, `context_window(cfg)`, `default_pooling`).
@@ -13,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from lstm_attn.attention.ops import IMPLEMENTATIONS
+from lstm_attn.checks import check_rate
 from lstm_attn.models.bert import BERT
-from lstm_attn.models.gpt import GPT
+from lstm_attn.models.common import parse_dtype
+from lstm_attn.models.gpt import GPT, POSITIONS
 from lstm_attn.models.hybrid import LSTMAttentionLM
 from lstm_attn.models.lstm_lm import LSTMLM
+from lstm_attn.transformer import ACTIVATIONS
 
 
 def _is_int(v) -> bool:
@@ -41,13 +46,18 @@ _KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Fields every family has. `dtype`: compute dtype (params stay float32). `pooling` and
-  `classifier_dropout` are used when the config has num_classes (None: the family's default pooling)."""
+  `classifier_dropout` are used when the config has num_classes (None: the family's default pooling).
+
+  `__post_init__` is the one check of config.model: first every field's type, then each family's values
+  (its subclass's `__post_init__`); the models built from a config check nothing again. Every error
+  names `config.model.<field>`, the value and what would be right.
+  """
 
   dtype: str | None = 'float32'
   pooling: str | None = None
   classifier_dropout: float = 0.0
 
-  def __post_init__(self):  # the one check of config.model's types; values are checked by the model
+  def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       check, what = _KINDS[field.type]
@@ -55,14 +65,41 @@ class ModelConfig:
         raise ValueError(f'config.model.{field.name} must be {what}, got {value!r}.')
       if field.type == 'tuple[int, ...]':
         object.__setattr__(self, field.name, tuple(value))
+    parse_dtype(self.dtype, 'config.model.dtype')
+    self._rates('classifier_dropout')
 
-  def model_kwargs(self) -> dict:
-    """The LM constructor's keywords: every family field (attention_impl is passed as implementation)."""
-    common = {f.name for f in dataclasses.fields(ModelConfig)}
-    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
-    if 'attention_impl' in kwargs:
-      kwargs['implementation'] = kwargs.pop('attention_impl')
-    return kwargs
+  @property
+  def compute_dtype(self):
+    """`dtype` as a jnp dtype (None stays None: the layers compute in the params' float32)."""
+    return parse_dtype(self.dtype, 'config.model.dtype')
+
+  # Value checks for the subclasses, each naming config.model.<field>.
+  def _require(self, ok: bool, field: str, what: str):
+    if not ok:
+      raise ValueError(f'config.model.{field} must be {what}, got {getattr(self, field)!r}.')
+
+  def _positive(self, *fields: str):
+    types = {f.name: f.type for f in dataclasses.fields(self)}
+    for field in fields:
+      optional = types[field] == 'int | None'
+      value = getattr(self, field)
+      ok = (optional and value is None) or value >= 1
+      self._require(ok, field, 'a positive int' + ' or None' * optional)
+
+  def _rates(self, *fields: str):
+    for field in fields:
+      check_rate(f'config.model.{field}', getattr(self, field))
+
+  def _heads_divide(self, d_field: str = 'd_model'):
+    d_model = getattr(self, d_field)
+    self._require(
+      d_model % self.num_heads == 0, 'num_heads', f'a divisor of config.model.{d_field}={d_model}'
+    )
+
+  def _choice(self, field: str, choices, *, none_ok: bool = False):
+    value = getattr(self, field)
+    ok = (none_ok and value is None) or value in choices
+    self._require(ok, field, f'one of {tuple(choices)}' + (' or None' if none_ok else ''))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +116,21 @@ class LSTMLMConfig(ModelConfig):
   hidden_dropout: float = 0.0
   output_dropout: float = 0.0
 
+  def __post_init__(self):
+    super().__post_init__()
+    self._positive('embed_dim', 'hidden_size', 'num_layers')
+    self._require(
+      0 <= self.proj_size < self.hidden_size,
+      'proj_size',
+      f'0 (no projection) or in (0, config.model.hidden_size={self.hidden_size})',
+    )
+    self._rates('embed_dropout', 'input_dropout', 'hidden_dropout', 'output_dropout')
+
+  @property
+  def width(self) -> int:
+    """The size of each layer's output (and of h): proj_size, or hidden_size without a projection."""
+    return self.proj_size or self.hidden_size
+
 
 @dataclasses.dataclass(frozen=True)
 class HybridConfig(ModelConfig):
@@ -93,6 +145,25 @@ class HybridConfig(ModelConfig):
   embed_dropout: float = 0.0
   tie_embeddings: bool = True
   attention_impl: str | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    self._positive('d_model', 'num_layers', 'num_heads')
+    self._heads_divide()
+    n = self.num_layers
+    self._require(
+      all(-n <= i < n for i in self.attention_layers),
+      'attention_layers',
+      f'indices of the config.model.num_layers={n} blocks (each in [{-n}, {n}))',
+    )
+    self._require(self.boom_hidden >= 0, 'boom_hidden', 'an int >= 0 (0: no boom layer)')
+    self._rates('dropout', 'embed_dropout')
+    self._choice('attention_impl', IMPLEMENTATIONS, none_ok=True)
+
+  @property
+  def attending_blocks(self) -> tuple[int, ...]:
+    """attention_layers as sorted non-negative block indices, without repeats."""
+    return tuple(sorted({i % self.num_layers for i in self.attention_layers}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +183,31 @@ class GPTConfig(ModelConfig):
   use_bias: bool = True
   attention_impl: str | None = None
 
+  def __post_init__(self):
+    super().__post_init__()
+    self._positive('d_model', 'num_layers', 'num_heads', 'max_len', 'mlp_hidden')
+    self._heads_divide()
+    kv = self.num_kv_heads
+    self._require(
+      kv is None or (kv >= 1 and self.num_heads % kv == 0),
+      'num_kv_heads',
+      f'None or a divisor of config.model.num_heads={self.num_heads}',
+    )
+    self._choice('positions', POSITIONS)
+    if self.positions == 'rotary' and (self.d_model // self.num_heads) % 2:
+      raise ValueError(
+        f"config.model.positions='rotary' needs an even head size, got config.model.d_model // "
+        f'config.model.num_heads = {self.d_model} // {self.num_heads} = {self.d_model // self.num_heads}.'
+      )
+    self._choice('activation', sorted(ACTIVATIONS))
+    self._rates('dropout')
+    self._choice('attention_impl', IMPLEMENTATIONS, none_ok=True)
+
+  @property
+  def mlp_width(self) -> int:
+    """The MLP's hidden size: mlp_hidden, or 4 * d_model when None."""
+    return 4 * self.d_model if self.mlp_hidden is None else self.mlp_hidden
+
 
 @dataclasses.dataclass(frozen=True)
 class BERTConfig(ModelConfig):
@@ -128,6 +224,20 @@ class BERTConfig(ModelConfig):
   activation: str = 'gelu'
   norm_epsilon: float = 1e-12
   attention_impl: str | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    self._positive('d_model', 'num_layers', 'num_heads', 'max_len', 'type_vocab_size', 'mlp_hidden')
+    self._heads_divide()
+    self._choice('activation', sorted(ACTIVATIONS))
+    self._rates('dropout')
+    self._require(self.norm_epsilon > 0, 'norm_epsilon', 'a positive float')
+    self._choice('attention_impl', IMPLEMENTATIONS, none_ok=True)
+
+  @property
+  def mlp_width(self) -> int:
+    """The MLP's hidden size: mlp_hidden, or 4 * d_model when None."""
+    return 4 * self.d_model if self.mlp_hidden is None else self.mlp_hidden
 
 
 @dataclasses.dataclass(frozen=True)
