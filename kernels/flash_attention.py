@@ -9,9 +9,10 @@
                                   laptop). Chosen at lowering (`lax.platform_dependent`), so compiling or
                                   exporting for a GPU/TPU from a CPU host gets the compiled kernel.
 
-A Mosaic GPU (Hopper: wgmma, TMA, warp specialisation) kernel would be a third file,
-`flash_attention_mosaic_gpu.py`, with the same keyword signature; `backend='gpu'` would pick it on
-compute capability 9.x and keep Triton elsewhere (see BUILD_NOTES.md, "Mosaic GPU plan").
+  backend='mosaic_gpu'            `flash_attention_mosaic_gpu.py`, the Pallas Mosaic GPU kernels for Hopper
+                                  (sm_90a: wgmma, TMA pipeline, warp specialisation), bfloat16/float16.
+                                  Opt-in only: compiled on CUDA, interpreted elsewhere; never picked by
+                                  backend=None until a GPU run has verified and timed it (BUILD_NOTES.md).
 
 Semantics are those of `reference.mha_reference` (= `jax.nn.dot_product_attention` plus segment ids, with
 fully masked rows giving 0 and zero gradient). Arguments are validated once, by `reference.check_inputs`
@@ -29,13 +30,13 @@ from jax import lax
 
 from lstm_attn.kernels import reference
 
-BACKENDS = ('gpu', 'triton', 'tpu')
+BACKENDS = ('gpu', 'triton', 'tpu', 'mosaic_gpu')
 
 # The MaskSpec fields that are arrays: operands of lax.platform_dependent (the rest is static).
 _SPEC_ARRAYS = ('query_seq_lengths', 'key_value_seq_lengths', 'q_segment_ids', 'kv_segment_ids')
 
 # The platforms whose compiled kernel each backend is; on every other platform it runs interpreted.
-_COMPILED_ON = {'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',)}
+_COMPILED_ON = {'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',), 'mosaic_gpu': ('cuda',)}
 
 
 def _default_backend() -> str:
@@ -51,6 +52,10 @@ def _kernel(backend: str):
     from lstm_attn.kernels.flash_attention_tpu import flash_attention_tpu_from_spec
 
     return flash_attention_tpu_from_spec
+  if backend == 'mosaic_gpu':
+    from lstm_attn.kernels.flash_attention_mosaic_gpu import flash_attention_mosaic_gpu_from_spec
+
+    return flash_attention_mosaic_gpu_from_spec
   from lstm_attn.kernels.flash_attention_triton import flash_attention_triton_from_spec
 
   return flash_attention_triton_from_spec
@@ -81,10 +86,11 @@ def flash_attention(
     query_seq_lengths, key_value_seq_lengths: [batch] ints; positions at or past them are hidden.
     local_window_size: int or (left, right): query i sees keys in [i - left, i + right].
     segment_ids: [batch, seq] ints (q_len == kv_len) or a (query_ids, key_value_ids) pair.
-    block_sizes: the chosen backend's BlockSizes (`flash_attention_triton.BlockSizes` or
-      `flash_attention_tpu.BlockSizes`), or None for its defaults.
-    backend: 'gpu' (or 'triton'), 'tpu', or None: the kernel of the platform the call is lowered for
-      (TPU on TPU, Triton elsewhere).
+    block_sizes: the chosen backend's BlockSizes (`flash_attention_triton.BlockSizes`,
+      `flash_attention_tpu.BlockSizes` or `flash_attention_mosaic_gpu.BlockSizes`), or None for its
+      defaults.
+    backend: 'gpu' (or 'triton'), 'tpu', 'mosaic_gpu' (Hopper, bf16/fp16, opt-in), or None: the kernel of
+      the platform the call is lowered for (TPU on TPU, Triton elsewhere).
     interpret: run in the Pallas interpreter; None means "when lowered for a platform other than the
       backend's". The choice is made when the computation is lowered, not from the default device, so
       `jax.jit(...).lower()` / `jax.export` for a GPU or TPU from a CPU host contain the compiled kernel.
@@ -126,9 +132,14 @@ def flash_attention_from_spec(
   if backend == 'triton':
     backend = 'gpu'
   if backend is None and block_sizes is not None:  # block sizes belong to one backend's kernel
-    from lstm_attn.kernels import flash_attention_tpu
+    from lstm_attn.kernels import flash_attention_mosaic_gpu, flash_attention_tpu
 
-    backend = 'tpu' if isinstance(block_sizes, flash_attention_tpu.BlockSizes) else 'gpu'
+    if isinstance(block_sizes, flash_attention_tpu.BlockSizes):
+      backend = 'tpu'
+    elif isinstance(block_sizes, flash_attention_mosaic_gpu.BlockSizes):
+      backend = 'mosaic_gpu'
+    else:
+      backend = 'gpu'
   if interpret is not None:
     backend = backend or _default_backend()
     return _kernel(backend)(query, key, value, scale, spec, block_sizes=block_sizes, interpret=interpret)
