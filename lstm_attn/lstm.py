@@ -289,6 +289,8 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
       ],
       axis=-1,
     )  # [B, 4H]: the gradient of the gate pre-activations
+    if valid is not None:  # exactly 0 at a padded step, whatever its gates hold (0 * NaN is NaN)
+      dz = jnp.where(valid, dz, jnp.zeros((), dz.dtype))
     dh_prev = _dot(dz, w_hh_t, cdt, sdt)
     dc_prev = dc_in * f
     if valid is not None:
@@ -318,13 +320,22 @@ _layer.defvjp(_layer_fwd, _layer_bwd)
 # The public function.
 
 
-def _check_inputs(cfg: _Config, inputs, seq_lengths, initial_carry, dropout, rng):
+def _check_inputs(cfg: _Config, inputs, seq_lengths, initial_carry, dropout, rng, dtype):
   if not hasattr(inputs, 'shape') or jnp.ndim(inputs) != 3:
     raise ValueError(
       f'inputs must have rank 3 [batch, time, features], got shape {getattr(inputs, "shape", type(inputs))}'
     )
   if not jnp.issubdtype(inputs.dtype, jnp.floating):
     raise ValueError(f'inputs must have a floating dtype, got {inputs.dtype}')
+  if dtype is not None:  # an integer or bool compute dtype would return all-zero outputs
+    try:
+      ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(
+        f'dtype must be a floating dtype (e.g. jnp.bfloat16, jnp.float32) or None, got {dtype!r}'
+      )
   batch, time, features = inputs.shape
   if features != cfg.input_size:
     raise ValueError(f'inputs has {features} features (shape {inputs.shape}), params expect {cfg.input_size}')
@@ -373,7 +384,7 @@ def lstm(
     inputs: [batch, time, input_size].
     seq_lengths: optional int [batch]; steps t >= seq_lengths[b] are padding: their outputs are exactly
       zero and they do not change the state, so the final carry is each example's state after its last
-      valid step.
+      valid step. What padded inputs hold (even NaN or inf) changes no output, carry or gradient.
     initial_carry: optional LSTMCarry (default zeros); see LSTMCarry for the layout.
     reverse: run every layer from each example's last valid step back to its first (unidirectional only).
     dropout: dropout rate on the inputs of layers 1..num_layers-1 (as torch.nn.LSTM); needs `rng`.
@@ -388,7 +399,7 @@ def lstm(
       backward direction concatenated on the last axis), and the final LSTMCarry (state dtype).
   """
   cfg = _config(params)
-  _check_inputs(cfg, inputs, seq_lengths, initial_carry, dropout, rng)
+  _check_inputs(cfg, inputs, seq_lengths, initial_carry, dropout, rng, dtype)
   if reverse and cfg.num_directions == 2:
     raise ValueError('reverse=True is only defined for a unidirectional LSTM; got bidirectional params')
   param_dtype = params['layer0']['w_hh'].dtype
@@ -408,6 +419,8 @@ def lstm(
   # Time-major inside: transposing the (narrow) inputs once is cheaper than a [B, T, 4H] -> [T, B, 4H]
   # projection layout, which XLA:CPU runs as a slow non-canonical dot.
   x = jnp.swapaxes(inputs, 0, 1).astype(cdt)  # [T, B, F]
+  if mask is not None:  # padding never reaches a matmul: NaN or inf there would poison every gradient
+    x = jnp.where(mask, x, jnp.zeros((), cdt))
   h_final, c_final = [], []
   for layer in range(cfg.num_layers):
     if layer > 0 and dropout > 0.0:
