@@ -110,7 +110,8 @@ class LMBatcher(_Batcher):
   mode='sequential': the stream is cut into `batch_size` contiguous lanes (AWD-LSTM's batchify) and step i
     reads the next `seq_len` tokens of every lane, so row b of batch i+1 continues row b of batch i (for
     models that carry their state across batches). One epoch is `steps_per_epoch` steps; then it wraps
-    (`epoch(step)` says which epoch a step is in; reset carried state when a new one starts).
+    (`epoch(step)` says which epoch a step is in). Sequential batches also hold reset [B] float32: 1 in
+    the first batch of an epoch, where every lane starts over (a carried state must restart there).
   """
 
   _stream = 1
@@ -158,7 +159,10 @@ class LMBatcher(_Batcher):
       k = int(step) % self.steps_per_epoch
       starts = np.arange(self.batch_size) * self._lane_len + k * self.seq_len
     windows = self.tokens[starts[:, None] + self._offsets]  # [batch, seq_len + 1]
-    return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
+    batch = {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
+    if self.mode == 'sequential':
+      batch['reset'] = np.full(self.batch_size, float(k == 0), np.float32)  # [batch]
+    return batch
 
 
 def eval_batches(tokens, batch_size: int, seq_len: int, *, contiguous: bool = False, pad_id: int = 0):

@@ -143,23 +143,32 @@ class HybridTrunk(nnx.Module):
     )
     self.final_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
 
+  def zero_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:
+    """The LSTM state of every block before any token: h and c [blocks, B, d_model]."""
+    zeros = jnp.zeros((self.num_layers, batch_size, self.d_model), dtype)
+    return LSTMCarry(zeros, zeros)
+
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> HybridCache:
-    carry = LSTMCarry(
-      jnp.zeros((self.num_layers, batch_size, self.d_model), dtype),
-      jnp.zeros((self.num_layers, batch_size, self.d_model), dtype),
-    )
+    carry = self.zero_carry(batch_size, dtype)
     kv = tuple(
       self.blocks[i].attn.init_cache(batch_size, max_len, self.dtype or dtype) for i in self.attention_layers
     )
     return HybridCache(carry, kv)
 
-  def __call__(self, tokens, *, seq_lengths=None, cache: HybridCache | None = None):
+  def __call__(
+    self, tokens, *, seq_lengths=None, cache: HybridCache | None = None, carry: LSTMCarry | None = None
+  ):
     """tokens [B, T] -> TrunkOutput(hidden [B, T, d] after the final LayerNorm, final LSTMCarry stacked over
     blocks, new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths
-    unsupported)."""
+    unsupported). With a carry (and no cache), the LSTMs continue from it and attention sees this window
+    only (truncated BPTT, as SHA-RNN trains without its attention memory)."""
     check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     if cache is not None and seq_lengths is not None:
       raise ValueError('seq_lengths is not supported together with a decoding cache; pass one or the other.')
+    if cache is not None and carry is not None:
+      raise ValueError('pass carry or cache, not both: a decoding cache holds its own carry.')
+    if cache is not None:
+      carry = cache.carry
     table = self.embed_dropout(self.embed.embedding[...])  # [V, d]
     x = jnp.take(table, tokens, axis=0)  # [B, T, d]
     if self.dtype is not None:
@@ -168,16 +177,16 @@ class HybridTrunk(nnx.Module):
     hs, cs, kvs = [], [], []
     kv_iter = iter(cache.kv) if cache is not None else None
     for i, block in enumerate(self.blocks):
-      init = None if cache is None else LSTMCarry(cache.carry.h[i : i + 1], cache.carry.c[i : i + 1])
+      init = None if carry is None else LSTMCarry(carry.h[i : i + 1], carry.c[i : i + 1])
       kv = next(kv_iter) if (cache is not None and block.attn is not None) else None
-      x, final, new_kv = block(x, seq_lengths=seq_lengths, carry=init, kv_cache=kv)
-      hs.append(final.h)
-      cs.append(final.c)
+      x, block_carry, new_kv = block(x, seq_lengths=seq_lengths, carry=init, kv_cache=kv)
+      hs.append(block_carry.h)
+      cs.append(block_carry.c)
       if new_kv is not None:
         kvs.append(new_kv)
-    carry = LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
-    new_cache = HybridCache(carry, tuple(kvs)) if cache is not None else None
-    return TrunkOutput(self.final_norm(x), carry, new_cache)
+    final = LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
+    new_cache = HybridCache(final, tuple(kvs)) if cache is not None else None
+    return TrunkOutput(self.final_norm(x), final, new_cache)
 
 
 class LSTMAttentionLM(nnx.Module):
@@ -203,6 +212,14 @@ class LSTMAttentionLM(nnx.Module):
 
   def __call__(self, tokens, *, seq_lengths=None):
     return self.logits_from_hidden(self.backbone(tokens, seq_lengths=seq_lengths).hidden)
+
+  def forward(self, tokens, *, seq_lengths=None, carry: LSTMCarry | None = None):
+    """(logits [B, T, vocab], final LSTMCarry): feeding the carry back continues the LSTMs."""
+    out = self.backbone(tokens, seq_lengths=seq_lengths, carry=carry)
+    return self.logits_from_hidden(out.hidden), out.state
+
+  def zero_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:
+    return self.backbone.zero_carry(batch_size, dtype)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> HybridCache:
     return self.backbone.init_cache(batch_size, max_len, dtype)

@@ -141,6 +141,10 @@ class LSTMLM(nnx.Module):
   ) -> Array:
     return self.forward(tokens, seq_lengths=seq_lengths, carry=carry)[0]
 
+  def zero_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:
+    """The state before any token: h [layers, B, width], c [layers, B, hidden]."""
+    return self.backbone.zero_carry(batch_size, dtype)
+
   # Generation protocol (see lstm_attn.generate): a cache is whatever carries the past; here the carry.
   def init_cache(self, batch_size: int, max_len: int | None = None, dtype=jnp.float32) -> LSTMCarry:
     del max_len  # an LSTM's state does not grow with the sequence

@@ -12,14 +12,17 @@ field takes today's default.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 
 import ml_collections
 from ml_collections import config_dict
 
-from lstm_attn.models import default_model_config, model_config
+from lstm_attn.models import MODEL_SPECS, default_model_config, model_config, model_spec
 
 TOKENIZERS = ('byte', 'char', 'bpe', 'unigram')
+MIN_MAX_BYTES = 20  # lstm_attn.data.corpora: the smallest cap it takes
 BATCH_MODES = ('random', 'sequential')
 
 
@@ -43,10 +46,15 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.data.tokenizer = 'byte'  # byte | char | bpe | unigram
   c.data.vocab_size = config_dict.placeholder(int)  # subword tokenizers only
   c.data.seq_len = 128
-  c.data.mode = 'random'  # or 'sequential': consecutive windows, every token once per epoch (no state
-  # is carried across batches: each window starts from a zero LSTM state either way)
+  # 'random' windows (nanoGPT) or 'sequential': batch_size contiguous lanes, every token once per epoch
+  # (required by carry_state; without it each window starts from a zero LSTM state either way).
+  c.data.mode = 'sequential' if model_spec(model_name).carries_state else 'random'
   c.data.snippets_per_class = (512, 64, 64)  # classification only: (train, val, test) per class
 
+  # Truncated BPTT (AWD-LSTM, SHA-RNN): the batch is `batch_size` contiguous streams of the corpus and each
+  # step starts from the previous step's final LSTM state; evaluation reads each split as one stream.
+  # On by default for the families that carry state (lstm_lm, lstm_attn); data.mode is then sequential.
+  c.carry_state = model_spec(model_name).carries_state
   c.num_train_steps = 1000
   c.batch_size = 16
   c.grad_accum_steps = 1
@@ -133,6 +141,10 @@ def _num(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+class UnknownFieldError(ValueError):
+  """A config field that does not exist (a typo): a usage error on the command line (exit status 2)."""
+
+
 def _need(ok: bool, field: str, value, what: str) -> None:
   if not ok:
     raise ValueError(f'config.{field}={value!r} is invalid: it must be {what}.')
@@ -162,6 +174,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config must be an ml_collections.ConfigDict, got {type(config).__name__}.')
   if 'model' not in config or 'name' not in config.model:
     raise ValueError('config.model.name is missing: start the config from base_config(<model name>).')
+  _check_model_fields(config.model)
   spec, _ = model_config(config.model)
   _check_fields(config, base_config(spec.name))
   for field in ('num_train_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
@@ -214,6 +227,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     'None (language modelling) or an integer >= 2',
   )
   _need(isinstance(config.init_from, str), 'init_from', config.init_from, 'a path or empty')
+  if config.carry_state and not spec.carries_state:
+    raise ValueError(
+      f'config.carry_state=True but config.model.name={spec.name!r} has no recurrent state to carry; '
+      f'set --config.carry_state=False (families that carry state: '
+      f'{sorted(n for n, s in MODEL_SPECS.items() if s.carries_state)}).'
+    )
+  if config.carry_state and config.data.mode != 'sequential' and not num_classes:
+    raise ValueError(
+      f'config.carry_state=True reads the corpus as contiguous streams, but config.data.mode='
+      f'{config.data.mode!r}: set --config.data.mode=sequential, or --config.carry_state=False.'
+    )
   if config.compare_from_scratch and not config.init_from:
     raise ValueError(
       'config.compare_from_scratch=True compares a fine-tuned model with one from scratch, but '
@@ -226,7 +250,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       'tokenizer': (lambda v: v in TOKENIZERS, f'one of {TOKENIZERS}'),
       'mode': (lambda v: v in BATCH_MODES, f'one of {BATCH_MODES}'),
       'seq_len': _POSITIVE_INT,
-      'max_bytes': _OPT_POSITIVE_INT,
+      'max_bytes': (
+        lambda v: v is None or (_int(v) and v >= MIN_MAX_BYTES),
+        f'None (the whole corpus) or an integer >= {MIN_MAX_BYTES}',
+      ),
       'vocab_size': _OPT_POSITIVE_INT,
       'snippets_per_class': (
         lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_int(x) and x >= 1 for x in v),
@@ -273,6 +300,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   )
 
 
+def _unknown(field: str, value_names, where: str) -> UnknownFieldError:
+  close = difflib.get_close_matches(field.rsplit('.', 1)[-1], value_names, n=1, cutoff=0.6)
+  hint = f'did you mean {where}.{close[0]}?' if close else f'the fields of {where}: {sorted(value_names)}'
+  return UnknownFieldError(f'{field} is not a config field: {hint}')
+
+
+def _check_model_fields(model) -> None:
+  """config.model's fields all belong to some model family (fields of the other families are ignored:
+  `--config.model.name` may switch family); before model_config, for the did-you-mean message."""
+  spec = model_spec(model.get('name'))
+  known = {'name'}.union(*({f.name for f in dataclasses.fields(s.config)} for s in MODEL_SPECS.values()))
+  own = {'name'} | {f.name for f in dataclasses.fields(spec.config)}
+  for key in model.keys():
+    if key not in known:
+      raise _unknown(f'config.model.{key}', own, f'config.model ({spec.name})')
+
+
 def _check_fields(config, reference, prefix='config') -> None:
   """Every field of `config` exists in `reference` (the base config); model fields are checked by
   model_config, which also knows the other families' fields."""
@@ -280,9 +324,7 @@ def _check_fields(config, reference, prefix='config') -> None:
     if key == 'model':
       continue
     if key not in reference:
-      close = [k for k in reference.keys() if k[:3] == key[:3]]
-      hint = f' (did you mean {close[0]!r}?)' if close else ''
-      raise ValueError(f'{prefix}.{key} is not a config field{hint}; the fields: {sorted(reference.keys())}.')
+      raise _unknown(f'{prefix}.{key}', list(reference.keys()), prefix)
     if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
       reference[key], ml_collections.ConfigDict
     ):

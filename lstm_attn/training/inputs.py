@@ -31,6 +31,7 @@ import numpy as np
 
 from lstm_attn.data import batching, classification, corpora, tokenizers
 from lstm_attn.models.specs import model_spec
+from lstm_attn.training.steps import carries_state
 
 
 @dataclasses.dataclass
@@ -146,8 +147,12 @@ def make_inputs(config, workdir: str) -> Inputs:
     chars[s] = len(text) / n_tok
     nbytes[s] = len(text.encode('utf-8')) / n_tok
 
+  # A run that carries state reads each split as ebs contiguous lanes, its carry threaded through.
+  contiguous = carries_state(config)
+
   def eval_fn(split):
-    return _limit(batching.eval_batches(ids[split], ebs, seq_len, pad_id=tok.pad_id), n_eval)
+    batches = batching.eval_batches(ids[split], ebs, seq_len, contiguous=contiguous, pad_id=tok.pad_id)
+    return _limit(batches, n_eval)
 
   return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn, chars, nbytes)
 

@@ -212,7 +212,7 @@ def _run_eval(config, data, place, steps, state, step, writer, is_last) -> dict:
     if split == 'test' and not is_last:
       continue
     m = evaluate(
-      steps.eval_step,
+      steps,
       state,
       (place.eval_batch(b) for b in data.eval_batches(split)),
       chars_per_token=data.chars_per_token.get(split),

@@ -3,15 +3,17 @@
     steps = build_steps(config, model_fn, mesh=mesh)
     state = steps.init()                                  parameters are created under `jit`
     state, metrics = steps.train_step(state, batch)       (state donated)
-    sums = steps.eval_step(state['params'], state['rest'], batch)
+    sums, carry = steps.eval_step(state['params'], state['rest'], batch, carry)
     model = steps.model(state)                            the NNX model holding state's params (eval mode)
 
-where `state = {'step', 'params', 'rest', 'opt_state'}`: `params` is the `nnx.State` of the model's
+where `state = {'step', 'params', 'rest', 'opt_state'}` (and `'carry'` when the run carries the LSTM state
+across batches, truncated BPTT: `carries_state(config)`): `params` is the `nnx.State` of the model's
 `nnx.Param`s, `rest` everything else the model holds (dropout RNG keys and counts), `opt_state` the optax
-state mirroring `params`. The model's structure (an `nnx.GraphDef`, one for train mode and one for eval
-mode) is static, closed over, and `nnx.merge`d inside the step. Because every array the run owns is an
-explicit argument or result, adding a device mesh is passing shardings to `jax.jit` (from
-`lstm_attn.training.sharding`); nothing else changes. Checkpoints are that same tree
+state mirroring `params`, `carry` the recurrent state of every stream of the batch. The model's
+structure (an `nnx.GraphDef`, one for train mode and one for eval mode) is static, closed over, and
+`nnx.merge`d inside the step. Because every array the run owns is an explicit argument or result,
+adding a device mesh is passing shardings to `jax.jit` (from `lstm_attn.training.sharding`); nothing
+else changes. Checkpoints are that same tree
 (`steps.abstract_state` is its shape, dtype and sharding).
 
 Objectives (chosen from the model's spec): next-token cross entropy ('lm': lstm_lm, lstm_attn, gpt),
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lstm_attn.models.specs import model_spec
 from lstm_attn.training import optimizer, sharding
@@ -102,26 +105,43 @@ def objective_of(config) -> str:
   return model_spec(config.model.name).objective
 
 
-def model_loss(model, batch: dict, objective: str):
-  """Runs `model` on `batch` and returns (mean loss, sums). Batch keys (as `lstm_attn.data` yields them):
+def carry_in(carry, reset):
+  """The carry a batch starts from: the last batch's final carry, cut from its graph (truncated BPTT), and
+  zero in the rows (streams) where `reset` [B] is set (the stream wrapped: its text does not continue).
+  carry: a pytree of [layers, B, features] arrays (the layers first, as torch.nn.LSTM's h and c)."""
+  carry = jax.lax.stop_gradient(carry)
+  if reset is None:  # evaluation: the lanes of a split never wrap
+    return carry
+  keep = jnp.logical_not(reset.astype(bool))[None, :, None]  # [1, B, 1]
+  return jax.tree.map(lambda c: jnp.where(keep, c, jnp.zeros((), c.dtype)), carry)
 
-  lm:  inputs [B, T], targets [B, T] (inputs shifted by one), optional weights [B, T] (0 on padding).
+
+def model_loss(model, batch: dict, objective: str, carry=None):
+  """Runs `model` on `batch` and returns (mean loss, sums, final carry or None). Batch keys (as
+  `lstm_attn.data` yields them):
+
+  lm:  inputs [B, T], targets [B, T] (inputs shifted by one), optional weights [B, T] (0 on padding);
+       with a carry (truncated BPTT: the model's spec carries state), reset [B] (1: the stream restarts).
   mlm: inputs (masked) [B, T], targets [B, T], weights [B, T] (1 where predicted), token_type_ids [B, T],
        seq_lengths [B], nsp_labels [B].
   cls: inputs [B, T], seq_lengths [B], labels [B], optional weights [B] and token_type_ids [B, T].
   """
+  if objective == 'lm' and carry is not None:
+    logits, carry = model.forward(batch['inputs'], carry=carry_in(carry, batch.get('reset')))  # [B, T, V]
+    return (*next_token_loss(logits, batch['targets'], batch.get('weights')), carry)
   if objective == 'lm':
     logits = model(batch['inputs'])  # [B, T, V]
-    return next_token_loss(logits, batch['targets'], batch.get('weights'))
+    return (*next_token_loss(logits, batch['targets'], batch.get('weights')), None)
   if objective == 'mlm':
     mlm_logits, nsp_logits = model(
       batch['inputs'], batch['token_type_ids'], seq_lengths=batch['seq_lengths']
     )  # [B, T, V], [B, 2]
-    return mlm_nsp_loss(mlm_logits, batch['targets'], batch['weights'], nsp_logits, batch['nsp_labels'])
+    loss = mlm_nsp_loss(mlm_logits, batch['targets'], batch['weights'], nsp_logits, batch['nsp_labels'])
+    return (*loss, None)
   if objective == 'cls':
     kwargs = {'token_type_ids': batch['token_type_ids']} if 'token_type_ids' in batch else {}
     logits = model(batch['inputs'], seq_lengths=batch['seq_lengths'], **kwargs)  # [B, C]
-    return classification_loss(logits, batch['labels'], batch.get('weights'))
+    return (*classification_loss(logits, batch['labels'], batch.get('weights')), None)
   raise ValueError(f"objective={objective!r}: expected 'lm', 'mlm' or 'cls'.")
 
 
@@ -130,45 +150,57 @@ def model_loss(model, batch: dict, objective: str):
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PureSteps:
-  """The static pieces of a run and its pure step functions (jitted by `build_steps`)."""
+  """The static pieces of a run and its pure step functions (jitted by `build_steps`).
+
+  With `carries_state`, `state['carry']` holds the recurrent state of every stream (row) of the batch:
+  each train step starts from the previous step's final carry (truncated BPTT) and stores its own.
+  """
 
   train_graphdef: Any
   eval_graphdef: Any
   tx: optax.GradientTransformation
   objective: str
   grad_accum_steps: int = 1
+  carries_state: bool = False
 
-  def loss_and_rest(self, params, rest, batch):
-    """Mean loss and sums of one (micro-)batch in train mode, and the updated non-param state."""
+  def loss_and_rest(self, params, rest, batch, carry=None):
+    """Mean loss of one (micro-)batch in train mode; (sums, the updated non-param state, final carry)."""
     # copy=True: fresh Variables at this trace level, so dropout may advance its RNG count under grad.
     model = nnx.merge(self.train_graphdef, params, rest, copy=True)
-    loss, sums = model_loss(model, batch, self.objective)
+    loss, sums, carry = model_loss(model, batch, self.objective, carry)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return loss.astype(jnp.float32), (sums, new_rest)
+    return loss.astype(jnp.float32), (sums, new_rest, carry)
 
   def train_step(self, state, batch):
     """One optimizer update. state as in the module docstring; batch: dict of [B, ...] arrays."""
     grad_fn = jax.value_and_grad(self.loss_and_rest, has_aux=True)
-    params = state['params']
+    params, carry = state['params'], state.get('carry')
     k = self.grad_accum_steps
     if k == 1:
-      (loss, (sums, rest)), grads = grad_fn(params, state['rest'], batch)
+      (loss, (sums, rest, carry)), grads = grad_fn(params, state['rest'], batch, carry)
     else:
       micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)  # [k, B/k, ...]
+      # carry leaves [L, B, F] -> [k, L, B/k, F]: micro-batch i continues rows i*B/k.. of the streams.
+      micro_carry = jax.tree.map(
+        lambda c: jnp.moveaxis(c.reshape(c.shape[0], k, -1, *c.shape[2:]), 1, 0), carry
+      )
 
-      def body(carry, mb):
-        grads_acc, rest, loss_acc, sums_acc = carry
-        (loss, (sums, rest)), grads = grad_fn(params, rest, mb)
+      def body(acc, xs):
+        grads_acc, rest, loss_acc, sums_acc = acc
+        mb, mc = xs
+        (loss, (sums, rest, mc)), grads = grad_fn(params, rest, mb, mc)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
-        return (grads_acc, rest, loss_acc + loss, sums_acc), None
+        return (grads_acc, rest, loss_acc + loss, sums_acc), mc
 
-      first = jax.tree.map(lambda x: x[0], micro)
+      first = jax.tree.map(lambda x: x[0], (micro, micro_carry))
       sums0 = jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(lambda: self.loss_and_rest(params, state['rest'], first)[1][0])
+        jnp.zeros_like, jax.eval_shape(lambda: self.loss_and_rest(params, state['rest'], *first)[1][0])
       )
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, rest, loss, sums), _ = jax.lax.scan(body, (zeros, state['rest'], jnp.float32(0), sums0), micro)
+      init = (zeros, state['rest'], jnp.float32(0), sums0)
+      (grads, rest, loss, sums), carries = jax.lax.scan(body, init, (micro, micro_carry))
+      carry = jax.tree.map(lambda c: jnp.moveaxis(c, 0, 1).reshape(c.shape[1], -1, *c.shape[3:]), carries)
       grads = jax.tree.map(lambda g: g / k, grads)
       loss = loss / k
     updates, opt_state = self.tx.update(grads, state['opt_state'], params)
@@ -179,13 +211,15 @@ class PureSteps:
     if self.objective == 'cls':
       metrics['accuracy'] = sums['correct'] / jnp.maximum(sums['count'], 1.0)
     new_state = {'step': state['step'] + 1, 'params': new_params, 'rest': rest, 'opt_state': opt_state}
+    if self.carries_state:
+      new_state['carry'] = carry
     return new_state, metrics
 
-  def eval_step(self, params, rest, batch):
-    """Sums (loss, count, correct, ...) over one batch in eval mode (no dropout)."""
+  def eval_step(self, params, rest, batch, carry=None):
+    """(sums (loss, count, correct, ...) over one batch in eval mode (no dropout), final carry or None)."""
     model = nnx.merge(self.eval_graphdef, params, rest, copy=True)
-    _, sums = model_loss(model, batch, self.objective)
-    return sums
+    _, sums, carry = model_loss(model, batch, self.objective, carry)
+    return sums, carry
 
 
 # XLA:CPU hands matmuls AND reductions to YNNPACK by default. On the short rows of a small transformer
@@ -238,10 +272,22 @@ class Steps:
   def tx(self) -> optax.GradientTransformation:
     return self.pure.tx
 
+  @property
+  def carries_state(self) -> bool:
+    return self.pure.carries_state
+
   def model(self, state, *, train: bool = False) -> nnx.Module:
     """The NNX model holding `state`'s params (for sampling, export, inspection)."""
     graphdef = self.pure.train_graphdef if train else self.pure.eval_graphdef
     return nnx.merge(graphdef, state['params'], state['rest'])
+
+  def zero_carry(self, batch_size: int):
+    """A zero carry for `batch_size` streams (None when the run carries no state), e.g. for evaluation."""
+    if not self.carries_state:
+      return None
+    return jax.tree.map(
+      lambda a: jnp.zeros((a.shape[0], batch_size, *a.shape[2:]), a.dtype), self.abstract_state['carry']
+    )
 
 
 def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, mesh=None) -> Steps:
@@ -257,17 +303,26 @@ def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, mesh=None
   train_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
   abstract_model.eval()
   eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
-  pure = PureSteps(train_graphdef, eval_graphdef, tx, objective_of(config), int(config.grad_accum_steps))
+  carries = carries_state(config)
+  pure = PureSteps(
+    train_graphdef, eval_graphdef, tx, objective_of(config), int(config.grad_accum_steps), carries
+  )
 
   def init_fn():
     model = model_fn(_rngs(seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'rest': rest, 'opt_state': tx.init(params)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'rest': rest, 'opt_state': tx.init(params)}
+    if carries:  # float32 whatever the compute dtype: the state accumulates over the whole stream
+      state['carry'] = model.zero_carry(config.batch_size)  # leaves [layers, batch, features]
+    return state
 
   abstract_state = jax.eval_shape(init_fn)
   state_sh = batch_sh = None
   if mesh is not None:
     state_sh = sharding.state_shardings(abstract_state, mesh, min_size=int(config.mesh.fsdp_min_size))
+    if carries:  # the carry of a stream lives with that stream's rows of the batch
+      carry_sh = NamedSharding(mesh, PartitionSpec(None, sharding.MESH_AXES))
+      state_sh['carry'] = jax.tree.map(lambda _: carry_sh, abstract_state['carry'])
     batch_sh = sharding.batch_sharding(mesh)
     abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
@@ -287,6 +342,12 @@ def build_steps(config, model_fn: Callable[[nnx.Rngs], nnx.Module], *, mesh=None
   return Steps(pure, init, train_step, eval_step, abstract_state)
 
 
+def carries_state(config) -> bool:
+  """Whether the run carries the recurrent state across batches (truncated BPTT): `config.carry_state`
+  for a language model whose spec carries state (checked in lstm_attn.training.config)."""
+  return bool(config.carry_state) and objective_of(config) == 'lm'
+
+
 def _rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(seed, params=seed, dropout=seed + 1)
 
@@ -295,16 +356,20 @@ def _rngs(seed: int) -> nnx.Rngs:
 # Evaluation.
 # ---------------------------------------------------------------------------------------------------
 def evaluate(
-  eval_step, state, batches, *, chars_per_token: float | None = None, bytes_per_token=None
+  steps: Steps, state, batches, *, chars_per_token: float | None = None, bytes_per_token=None
 ) -> dict:
-  """Sums `eval_step` over `batches` and returns loss, perplexity, bits per token/char/byte, accuracy.
+  """Sums `steps.eval_step` over `batches`; returns loss, perplexity, bits per token/char/byte, accuracy.
 
+  A run that carries state evaluates its batches in order from a zero carry, each continuing the last
+  (contiguous lanes: the loss is the model's on the whole split read as a stream, as AWD-LSTM reports).
   Bits per character (byte) = bits per token / characters (UTF-8 bytes) per token of the split: exact
   for the char (byte) tokenizer, where that ratio is 1.
   """
-  total = None
+  total = carry = None
   for batch in batches:
-    sums = eval_step(state['params'], state['rest'], batch)
+    if carry is None and steps.carries_state:
+      carry = steps.zero_carry(len(batch['inputs']))
+    sums, carry = steps.eval_step(state['params'], state['rest'], batch, carry)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   if total is None:
     raise ValueError('evaluation got no batches: the eval split is smaller than one batch.')

@@ -1,0 +1,146 @@
+"""Truncated BPTT: the LSTM state carried across batches in training and evaluation, resets, resume."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_close
+from train_tiny import final_params, tiny_config, train_losses
+
+from lstm_attn import training
+from lstm_attn.data import batching
+from lstm_attn.models import build_model
+from lstm_attn.training import steps as steps_lib
+
+VOCAB = 61
+
+
+def _steps(name='lstm_lm', **overrides):
+  c = tiny_config(name, **overrides)
+  c.model.update(
+    {'input_dropout': 0.0} if name == 'lstm_lm' else {'dropout': 0.0}
+  )  # deterministic: train mode == eval mode
+  return c, training.build_steps(c, lambda r: build_model(c, vocab_size=VOCAB, rngs=r))
+
+
+def _lane_batches(rng, batch, seq_len, n, resets):
+  tokens = rng.integers(0, VOCAB, (batch, n * seq_len + 1)).astype(np.int32)  # [B, n*T + 1]
+  return [
+    {
+      'inputs': tokens[:, i * seq_len : (i + 1) * seq_len],
+      'targets': tokens[:, i * seq_len + 1 : (i + 1) * seq_len + 1],
+      'reset': np.asarray(resets[i], np.float32),
+    }
+    for i in range(n)
+  ]
+
+
+@pytest.mark.parametrize('name', ['lstm_lm', 'lstm_attn'])
+def test_train_step_starts_from_the_last_carry_and_resets_per_stream(name):
+  c, steps = _steps(name)
+  state = steps.init()
+  b1, b2 = _lane_batches(np.random.default_rng(0), 4, 16, 2, [[1, 1, 1, 1], [1, 0, 0, 1]])
+  zero = steps.zero_carry(4)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state['carry']))
+  params1 = state['params']
+  forward = jax.jit(lambda st, x, c: steps.model(st).forward(x, carry=c)[1])  # the final carry
+  want1 = forward(state, jnp.asarray(b1['inputs']), zero)
+  state, _ = steps.train_step(state, b1)
+  for got, want in zip(jax.tree.leaves(state['carry']), jax.tree.leaves(want1)):
+    assert_close(got, want, what='carry after step 1')
+  # Step 2 continues rows 1 and 2 and restarts rows 0 and 3.
+  keep = jnp.asarray([0.0, 1.0, 1.0, 0.0])[None, :, None]
+  start2 = jax.tree.map(lambda a: a * keep, want1)
+  want2 = forward(state, jnp.asarray(b2['inputs']), start2)
+  state, _ = steps.train_step(state, b2)
+  for got, want in zip(jax.tree.leaves(state['carry']), jax.tree.leaves(want2)):
+    assert_close(got, want, what='carry after step 2')
+  assert params1 is not state['params']
+
+
+def test_grad_accumulation_splits_the_streams_and_their_carries():
+  """SGD (lr 1): the update is the gradient; 2 micro-batches of 2 streams each == one batch of 4."""
+  _, steps = _steps('lstm_lm')
+  state0 = steps.init()
+  b1, b2 = _lane_batches(np.random.default_rng(1), 4, 16, 2, [[1] * 4, [0] * 4])
+  results = []
+  for accum in (1, 2):
+    pure = dataclasses.replace(steps.pure, tx=optax.sgd(1.0), grad_accum_steps=accum)
+    step = jax.jit(pure.train_step)
+    state = {**state0, 'opt_state': pure.tx.init(state0['params'])}
+    state, _ = step(state, b1)
+    before = state['params']
+    state, metrics = step(state, b2)  # starts from step 1's carry
+    update = jax.tree.map(jnp.subtract, state['params'], before)
+    results.append((jnp.concatenate([x.ravel() for x in jax.tree.leaves(update)]), state['carry'], metrics))
+  (u1, c1, m1), (u2, c2, m2) = results
+  assert_close(u2, u1, what='gradient from carried state, 2 micro-batches vs 1')
+  for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
+    assert_close(b, a, what='final carry')
+  assert_close(m2['loss'], m1['loss'], what='loss')
+
+
+def test_stateful_evaluation_equals_one_pass_over_each_lane():
+  """Contiguous eval batches with the carry threaded == the model run once over each whole lane."""
+  _, steps = _steps('lstm_lm')
+  state = steps.init()
+  # Larger weights than at init, so the model's predictions depend on its context.
+  state['params'] = jax.tree.map(lambda p: 4 * p, state['params'])
+  tokens = np.random.default_rng(2).integers(0, VOCAB, 3 * 40 + 1).astype(np.int32)  # 3 lanes of 40
+  got = steps_lib.evaluate(steps, state, batching.eval_batches(tokens, 3, 16, contiguous=True))
+  lanes_in = tokens[:-1].reshape(3, 40)
+  lanes_out = tokens[1:].reshape(3, 40)
+  logits = jax.jit(lambda st, x: steps.model(st)(x))(state, jnp.asarray(lanes_in))
+  logits = np.asarray(logits, np.float64)  # [3, 40, V]
+  top = logits.max(-1, keepdims=True)
+  logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+  picked = np.take_along_axis(logits, lanes_out[..., None], axis=-1)[..., 0]
+  want = float(np.mean(logz - picked))
+  assert got['tokens'] == 120
+  np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
+  # Without the carry each window restarts from zero: another number (the carry is really threaded).
+  stateless = dataclasses.replace(steps, pure=dataclasses.replace(steps.pure, carries_state=False))
+  windows = steps_lib.evaluate(stateless, state, batching.eval_batches(tokens, 3, 16, contiguous=True))
+  assert abs(windows['loss'] - want) > 1e-2
+
+
+def test_sequential_batches_flag_the_epoch_start():
+  b = batching.LMBatcher(np.arange(200, dtype=np.int32), 4, 8, mode='sequential')
+  assert b.steps_per_epoch == 6
+  resets = [float(b.batch(i)['reset'][0]) for i in range(13)]
+  assert resets == [1, 0, 0, 0, 0, 0] * 2 + [1]
+  assert 'reset' not in batching.LMBatcher(np.arange(200, dtype=np.int32), 4, 8).batch(0)
+
+
+def test_carry_state_config_checks():
+  c = tiny_config('gpt')
+  c.carry_state = True
+  with pytest.raises(ValueError, match=r"config.carry_state=True but config.model.name='gpt'"):
+    training.check_config(c)
+  c = tiny_config('lstm_lm')
+  assert c.carry_state and c.data.mode == 'sequential'  # the default of the families that carry state
+  c.data.mode = 'random'
+  with pytest.raises(ValueError, match='config.data.mode=sequential'):
+    training.check_config(c)
+
+
+def test_resume_with_carried_state_is_exact(tmp_path, monkeypatch):
+  """The carry is part of the checkpoint: a run stopped after step 5 and resumed matches one that ran
+  through, bit for bit (the losses of steps 5-7 depend on the carry restored at step 4)."""
+  import test_train
+
+  c = tiny_config('lstm_lm', steps=7)
+  full = training.train_and_evaluate(c, str(tmp_path / 'full'))
+  test_train._interrupt_after(monkeypatch, 5)
+  with pytest.raises(test_train._Interrupt):
+    training.train_and_evaluate(c, str(tmp_path / 'resumed'))
+  monkeypatch.undo()
+  resumed = training.train_and_evaluate(c, str(tmp_path / 'resumed'))
+  assert train_losses(tmp_path / 'full') == train_losses(tmp_path / 'resumed')
+  (_, pa), (_, pb) = final_params(tmp_path / 'full'), final_params(tmp_path / 'resumed')
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+  assert full['val_loss'] == resumed['val_loss']
