@@ -14,7 +14,10 @@ called with (query, key, value, bias, mask, scale, spec), and no backend validat
   None         'pallas' on GPU/TPU; on CPU 'xla' for small q_len * kv_len and 'chunked' for large.
 
 Unlike jax.nn, a query row that sees no key at all (fully masked) returns zeros and gets zero gradient,
-in every backend, never NaN and never the uniform average that a large-negative fill produces.
+in every backend, never NaN and never the uniform average that a large-negative fill produces. A -inf
+bias hides its key, so a row whose bias is -inf at every key it may see is fully masked too. Zero-sized
+batch or lengths give the empty result (zeros where q_len > 0 but kv_len = 0) and a VJP of zeros, before
+any backend is called.
 """
 
 from __future__ import annotations
@@ -136,11 +139,13 @@ def _xla(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
 def _xla_impl(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
   batch, q_len, _, _ = query.shape
   kv_len = key.shape[1]
-  if spec.q_segment_ids is not None or mask is not None:
+  if spec.q_segment_ids is not None or mask is not None or bias is not None:
     # A dense mask is needed anyway: build the whole predicate once, [batch|1, heads|1, q_len, kv_len].
     keep = reference.dense_mask(spec, batch, q_len, kv_len)
     if mask is not None:
       keep = keep & mask
+    if bias is not None:  # a -inf bias hides its key: a row of only -inf sees none (0, not NaN)
+      keep = keep & ~jnp.isneginf(bias)
     out = jax.nn.dot_product_attention(query, key, value, bias, keep, scale=scale, implementation='xla')
     rows = jnp.any(keep, axis=-1)  # [batch|1, heads|1, q_len]
     rows = jnp.transpose(rows, (0, 2, 1))[..., None]  # [batch|1, q_len, heads|1, 1]
@@ -149,7 +154,7 @@ def _xla_impl(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
       query,
       key,
       value,
-      bias,
+      None,
       None,
       scale=scale,
       is_causal=spec.is_causal,
@@ -265,7 +270,7 @@ def dot_product_attention(
       segment_ids=segment_ids,
       implementation=implementation,
     )
-  scale, spec = reference.check_inputs(
+  scale, spec = _check_inputs(
     query,
     key,
     value,
@@ -295,7 +300,26 @@ def dot_product_attention(
       "the mask with is_causal/seq lengths/local_window_size/segment_ids, or use implementation='xla' "
       "or 'reference'."
     )
+  if query.size == 0 or key.shape[1] == 0:
+    # Nothing to attend: the empty result, or zeros where the queries have no key at all; its VJP is
+    # zeros. No backend sees a zero-sized array (a Pallas grid cannot be empty).
+    return jnp.zeros(query.shape, query.dtype)
   return _TABLE[implementation](query, key, value, bias, mask, scale, spec)
+
+
+def _check_inputs(query, key, value, *, segment_ids, **kwargs):
+  """`reference.check_inputs` -> (scale, MaskSpec), zero lengths allowed.
+
+  check_inputs rejects them (the kernels' grids cannot be empty); here nothing is computed for them, so
+  the other arguments are checked on stand-ins one step longer and the segment ids at their own length.
+  """
+  arrays = (query, key, value)
+  if not all(jnp.ndim(x) == 4 for x in arrays) or all(x.shape[1] for x in arrays):
+    return reference.check_inputs(query, key, value, segment_ids=segment_ids, **kwargs)
+  longer = lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] + 1, *x.shape[2:]), x.dtype)
+  scale, spec = reference.check_inputs(*map(longer, arrays), **kwargs)
+  reference._normalize_segment_ids(segment_ids, query.shape[0], query.shape[1], key.shape[1])
+  return scale, spec
 
 
 def _unbatched(query, key, value, bias, mask, *, query_seq_lengths, key_value_seq_lengths, segment_ids, **kw):
