@@ -1,6 +1,7 @@
 """lstm_attn.training.checkpointing: exact round trips (typed RNG keys included), retention, broken
 checkpoints."""
 
+import json
 import os
 
 import jax
@@ -215,3 +216,135 @@ def test_schedule_warmup_cosine_floor():
     with pytest.raises(ValueError, match=f'config.optim.{field}={bad!r}'):
       check_config(c)
     c.optim[field] = good
+
+
+# -- integrity: checksums recorded at save, verified at restore -------------------------------------------
+def _big_state(seed):
+  """A train state with one array large enough (16 KiB) to be stored out of line in an OCDBT data file."""
+  return {**_state(seed), 'big': jax.random.normal(jax.random.key(seed), (64, 64))}
+
+
+def _flip_one_byte(step_dir):
+  """Flips one bit in the middle of the largest array data file of a checkpoint, on disk."""
+  files = [
+    os.path.join(root, f)
+    for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+    if os.path.basename(root) == 'd'
+    for f in names
+  ]
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as fh:
+    fh.seek(os.path.getsize(path) // 2)
+    byte = fh.read(1)
+    fh.seek(-1, os.SEEK_CUR)
+    fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_one_flipped_byte_in_a_data_file_is_caught_quarantined_and_skipped(tmp_path, capsys):
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  s1, s2 = _big_state(1), _big_state(2)
+  ck.save(1, s1, {'which': 1})
+  ck.save(2, s2, {'which': 2})
+  ck.wait()
+  _flip_one_byte(str(tmp_path / 'ck' / '2'))
+  step, restored, meta = ck.restore_latest_good(_abstract(s1))
+  out = capsys.readouterr().out
+  assert step == 1 and meta == {'which': 1}, (step, out)
+  _assert_same(restored, s1)
+  assert 'step 2' in out and 'checksum' in out and 'checkpoints_corrupted' in out, out
+  assert ck.all_steps() == [1] and len(os.listdir(tmp_path / 'checkpoints_corrupted')) == 1
+  ck.close()
+
+
+def test_checkpoint_without_checksums_still_restores_and_new_saves_record_them(tmp_path):
+  """A checkpoint written before checksums existed (its meta has none) is accepted as it is."""
+  ck = checkpointing.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  state = _big_state(3)
+  ck.save(1, state, {'which': 1})
+  ck.wait()
+  meta_file = tmp_path / 'ck' / '1' / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  assert set(meta) == {'which', 'checksums'}
+  meta_file.write_text(json.dumps({'which': 1}))  # as the code before checksums wrote it
+  step, restored, got = ck.restore_latest_good(_abstract(state))
+  assert step == 1 and got == {'which': 1}
+  _assert_same(restored, state)
+  ck.save(2, state, {'which': 2})
+  ck.wait()
+  assert 'checksums' in json.loads((tmp_path / 'ck' / '2' / 'meta' / 'metadata').read_text())
+  ck.close()
+
+
+def test_load_params_of_a_workdir_with_a_damaged_latest_step_uses_the_older_good_one(tmp_path, capsys):
+  ck = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), keep_latest=3, async_save=False)
+  s4, s6, s8 = _big_state(4), _big_state(6), _big_state(8)
+  ck.save(4, s4, {})
+  ck.save(6, s6, {})
+  ck.save(8, s8, {})
+  ck.close()
+  _flip_one_byte(str(tmp_path / 'run' / 'checkpoints' / '8'))  # silent damage: only a checksum sees it
+  _corrupt(str(tmp_path / 'run' / 'checkpoints' / '6'))  # loud damage: Orbax fails to read it
+  before = sorted(os.listdir(tmp_path / 'run' / 'checkpoints'))
+  raw, step = checkpointing.load_params(str(tmp_path / 'run'))
+  assert step == 4
+  want = np.asarray(s4['params']['head']['kernel'][...])
+  np.testing.assert_array_equal(raw['head']['kernel']['value'], want)
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+  assert len(lines) == 2 and 'step 8' in lines[0] and 'checksum' in lines[0] and 'step 6' in lines[1], lines
+  assert all('using step 4' in line for line in lines), lines
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == before  # another run's workdir: untouched
+  # A damaged step named explicitly: one CheckpointError naming it, no fallback.
+  with pytest.raises(checkpointing.CheckpointError, match='step 8') as e:
+    checkpointing.load_params(str(tmp_path / 'run' / 'checkpoints' / '8'))
+  assert '\n' not in str(e.value)
+
+
+# -- readers beside a live trainer --------------------------------------------------------------------------
+def test_reader_survives_the_trainers_retention_deleting_the_step_it_picked(tmp_path):
+  writer = checkpointing.Checkpointer(str(tmp_path / 'ck'), keep_latest=1, keep_best=0, async_save=False)
+  state = _state(0)
+  writer.save(1, state, {'which': 1})
+  writer.wait()
+  reader = checkpointing.Checkpointer(str(tmp_path / 'ck'), read_only=True)
+  assert reader.latest_step() == 1
+  writer.save(2, _state(2), {'which': 2})  # retention deletes step 1 while the reader holds its pick
+  writer.wait()
+  assert not (tmp_path / 'ck' / '1').exists()
+  step, restored, meta = reader.restore_latest_good(_abstract(state))
+  assert step == 2 and meta == {'which': 2}
+  _assert_same(restored, _state(2))
+  # A step asked for by number that is gone: a one-line CheckpointError naming what is there.
+  with pytest.raises(checkpointing.CheckpointError, match=r'step 1 .*available: \[2\]') as e:
+    reader.restore(1, _abstract(state))
+  assert '\n' not in str(e.value)
+  reader.close()
+  writer.close()
+
+
+def test_workdir_paths_resolve_inside_a_moved_workdir(tmp_path):
+  moved = tmp_path / 'moved'
+  moved.mkdir()
+  (moved / 'tokenizer.json').write_text('{}')
+  # New checkpoints store paths relative to the workdir.
+  assert checkpointing.resolve_in_workdir('tokenizer.json', str(moved)) == str(moved / 'tokenizer.json')
+  # Old checkpoints stored the absolute path of the workdir they were written in: the moved workdir's own
+  # file of that name wins over whatever now lives at the old path.
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'tokenizer.json').write_text('{"another": "run"}')
+  old = str(tmp_path / 'old' / 'tokenizer.json')
+  assert checkpointing.resolve_in_workdir(old, str(moved)) == str(moved / 'tokenizer.json')
+  assert checkpointing.relative_to_workdir(str(moved / 'tokenizer.json'), str(moved)) == 'tokenizer.json'
+
+
+# -- the workdir lock ---------------------------------------------------------------------------------------
+def test_workdir_lock_names_its_holder_and_a_dead_holders_lock_file_does_not_block(tmp_path):
+  with checkpointing.WorkdirLock(str(tmp_path)):
+    with pytest.raises(checkpointing.WorkdirLocked) as e:
+      checkpointing.WorkdirLock(str(tmp_path)).acquire()
+    message = str(e.value)
+    assert f'pid {os.getpid()}' in message and 'since' in message and str(tmp_path) in message
+    assert '\n' not in message
+  # The lock file stays behind (as after a SIGKILL) with a holder that is gone: it does not block.
+  assert (tmp_path / '.lock').exists()
+  with checkpointing.WorkdirLock(str(tmp_path)):
+    pass
