@@ -372,6 +372,7 @@ def lstm(
   initial_carry: LSTMCarry | None = None,
   reverse: bool = False,
   dropout: float = 0.0,
+  weight_drop: float = 0.0,
   rng: jax.Array | None = None,
   dtype: Any = None,
   unroll: int = DEFAULT_UNROLL,
@@ -388,7 +389,10 @@ def lstm(
     initial_carry: optional LSTMCarry (default zeros); see LSTMCarry for the layout.
     reverse: run every layer from each example's last valid step back to its first (unidirectional only).
     dropout: dropout rate on the inputs of layers 1..num_layers-1 (as torch.nn.LSTM); needs `rng`.
-    rng: jax.random key for dropout.
+    weight_drop: DropConnect rate on every hidden-to-hidden matrix w_hh (AWD-LSTM's WeightDrop): one
+      mask per call, shared by every step and every row, applied once to the matrix the recurrent
+      matmul reads (w_hh * mask / (1 - rate)), never a copy per step; needs `rng`.
+    rng: jax.random key for dropout and weight_drop.
     dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); state, gates and accumulation stay float32
       (or the params' dtype if wider). Default: the promoted dtype of inputs and params.
     unroll: `lax.scan` unroll factor of the forward and backward scans.
@@ -400,6 +404,9 @@ def lstm(
   """
   cfg = _config(params)
   _check_inputs(cfg, inputs, seq_lengths, initial_carry, dropout, rng, dtype)
+  check_rate('weight_drop', weight_drop)
+  if weight_drop > 0.0 and rng is None:
+    raise ValueError('weight_drop > 0 needs rng (a jax.random key); pass weight_drop=0.0 for evaluation')
   if reverse and cfg.num_directions == 2:
     raise ValueError('reverse=True is only defined for a unidirectional LSTM; got bidirectional params')
   param_dtype = params['layer0']['w_hh'].dtype
@@ -421,6 +428,8 @@ def lstm(
   x = jnp.swapaxes(inputs, 0, 1).astype(cdt)  # [T, B, F]
   if mask is not None:  # padding never reaches a matmul: NaN or inf there would poison every gradient
     x = jnp.where(mask, x, jnp.zeros((), cdt))
+  if weight_drop > 0.0:
+    rng, drop_key = jax.random.split(rng)
   h_final, c_final = [], []
   for layer in range(cfg.num_layers):
     if layer > 0 and dropout > 0.0:
@@ -431,8 +440,12 @@ def lstm(
     for direction in range(cfg.num_directions):
       cell = params[_cell_name(layer, direction)]
       index = layer * cfg.num_directions + direction
+      w_hh = cell['w_hh']  # [R, 4H]
+      if weight_drop > 0.0:
+        keep = jax.random.bernoulli(jax.random.fold_in(drop_key, index), 1.0 - weight_drop, w_hh.shape)
+        w_hh = jnp.where(keep, w_hh / (1.0 - weight_drop), jnp.zeros((), w_hh.dtype))
       hs, hT, cT = layer_fn(
-        x, cell['w_ih'], cell['b'].astype(sdt), cell['w_hh'], cell.get('w_hr'), h_init[index], c_init[index],
+        x, cell['w_ih'], cell['b'].astype(sdt), w_hh, cell.get('w_hr'), h_init[index], c_init[index],
         mask, bool(reverse) != bool(direction), cdt, unroll,
       )  # fmt: skip
       if mask is not None:
@@ -509,8 +522,9 @@ def params_to_torch(params: Params) -> dict[str, Any]:
 class LSTM(nnx.Module):
   """Thin NNX holder of an `init_lstm` params pytree around `lstm`.
 
-  Between-layer dropout is active only when `deterministic` is False (`model.train()` / `model.eval()`
-  toggle it); its keys come from the 'dropout' stream of `rngs`, kept in the module like nnx.Dropout.
+  Between-layer dropout and weight drop are active only when `deterministic` is False (`model.train()` /
+  `model.eval()` toggle it); their keys come from the 'dropout' stream of `rngs`, kept in the module like
+  nnx.Dropout.
   """
 
   def __init__(
@@ -522,6 +536,7 @@ class LSTM(nnx.Module):
     bidirectional: bool = False,
     proj_size: int = 0,
     dropout: float = 0.0,
+    weight_drop: float = 0.0,
     dtype: Any = None,
     forget_bias: float = 1.0,
     orthogonal_recurrent: bool = True,
@@ -530,6 +545,7 @@ class LSTM(nnx.Module):
     rngs: nnx.Rngs,
   ):
     check_rate('dropout', dropout)
+    check_rate('weight_drop', weight_drop)
     params = init_lstm(
       rngs.params(), input_size, hidden_size, num_layers=num_layers, bidirectional=bidirectional,
       proj_size=proj_size, forget_bias=forget_bias, orthogonal_recurrent=orthogonal_recurrent,
@@ -538,7 +554,8 @@ class LSTM(nnx.Module):
     self.params = nnx.data(jax.tree.map(nnx.Param, params))
     self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
     self.bidirectional, self.proj_size = bidirectional, proj_size
-    self.dropout, self.dtype, self.deterministic = dropout, dtype, deterministic
+    self.dropout, self.weight_drop = dropout, weight_drop
+    self.dtype, self.deterministic = dtype, deterministic
     self.rngs = rngs['dropout'].fork()
 
   def set_view(self, deterministic: bool | None = None):
@@ -555,11 +572,10 @@ class LSTM(nnx.Module):
 
   def __call__(self, inputs, *, seq_lengths=None, initial_carry=None, reverse=False):
     """inputs [batch, time, input_size] -> (outputs [batch, time, D * (P or H)], final LSTMCarry)."""
-    dropout = 0.0 if self.deterministic else self.dropout
-    rng = self.rngs() if dropout > 0.0 and self.num_layers > 1 else None
-    if rng is None:
-      dropout = 0.0
+    dropout = 0.0 if self.deterministic or self.num_layers == 1 else self.dropout
+    weight_drop = 0.0 if self.deterministic else self.weight_drop
+    rng = self.rngs() if dropout > 0.0 or weight_drop > 0.0 else None
     return lstm(
       self.pure_params(), inputs, seq_lengths=seq_lengths, initial_carry=initial_carry, reverse=reverse,
-      dropout=dropout, rng=rng, dtype=self.dtype,
+      dropout=dropout, weight_drop=weight_drop, rng=rng, dtype=self.dtype,
     )  # fmt: skip

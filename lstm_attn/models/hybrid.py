@@ -74,12 +74,13 @@ class HybridBlock(nnx.Module):
     num_heads: int,
     boom_hidden: int,
     dropout: float,
+    weight_drop: float = 0.0,
     implementation=None,
     dtype=None,
     rngs: nnx.Rngs,
   ):
     self.lstm_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
-    self.lstm = LSTM(d_model, d_model, dtype=dtype, rngs=rngs)
+    self.lstm = LSTM(d_model, d_model, weight_drop=weight_drop, dtype=dtype, rngs=rngs)
     self.attn_norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if attention else None
     self.attn = (
       MultiHeadAttention(
@@ -134,6 +135,7 @@ class HybridTrunk(nnx.Module):
           num_heads=config.num_heads,
           boom_hidden=config.boom_hidden,
           dropout=config.dropout,
+          weight_drop=config.weight_drop,
           implementation=config.attention_impl,
           dtype=dtype,
           rngs=rngs,
@@ -212,6 +214,12 @@ class LSTMAttentionLM(nnx.Module):
 
   def __call__(self, tokens, *, seq_lengths=None):
     return self.logits_from_hidden(self.backbone(tokens, seq_lengths=seq_lengths).hidden)
+
+  def train_forward(self, tokens, *, carry: LSTMCarry | None = None):
+    """(logits, final carry, penalty) for the training loss; the hybrid adds no penalty (AR/TAR are the
+    LSTM LM's)."""
+    logits, final = self.forward(tokens, carry=carry)
+    return logits, final, jnp.zeros((), jnp.float32)
 
   def forward(self, tokens, *, seq_lengths=None, carry: LSTMCarry | None = None):
     """(logits [B, T, vocab], final LSTMCarry): feeding the carry back continues the LSTMs."""

@@ -65,6 +65,7 @@ class LSTMTrunk(nnx.Module):
           embed_dim if i == 0 else self.width,
           config.hidden_size,
           proj_size=config.proj_size,
+          weight_drop=config.weight_drop,
           dtype=dtype,
           rngs=rngs,
         )
@@ -86,6 +87,10 @@ class LSTMTrunk(nnx.Module):
     With seq_lengths [B], the final carry of row b is the state after its last valid token and outputs at
     padded steps are whatever the LSTM module gives there (zeros); carry=None starts from zeros.
     """
+    return self.run(tokens, seq_lengths=seq_lengths, carry=carry)[0]
+
+  def run(self, tokens, *, seq_lengths=None, carry=None) -> tuple[TrunkOutput, Array]:
+    """(the TrunkOutput, the last layer's outputs [B, T, width] before its output dropout: for TAR)."""
     check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     table = self.embed_dropout(self.embed.embedding[...])  # [V, E]; whole word types dropped
     x = jnp.take(table, tokens, axis=0)  # [B, T, E]
@@ -98,8 +103,10 @@ class LSTMTrunk(nnx.Module):
       x, final = layer(x, seq_lengths=seq_lengths, initial_carry=init)  # [B, T, width]
       hs.append(final.h)
       cs.append(final.c)
+      raw = x
       x = self.hidden_dropout(x) if i < self.num_layers - 1 else self.output_dropout(x)
-    return TrunkOutput(x, LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0)))
+    carry = LSTMCarry(jnp.concatenate(hs, axis=0), jnp.concatenate(cs, axis=0))
+    return TrunkOutput(x, carry), raw
 
 
 class LSTMLM(nnx.Module):
@@ -119,6 +126,8 @@ class LSTMLM(nnx.Module):
     )
     self.decoder_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32)) if tied else None
     self.decoder = None if tied else nnx.Linear(width, vocab_size, dtype=dtype, rngs=rngs)
+    self.activation_reg = config.activation_reg
+    self.temporal_activation_reg = config.temporal_activation_reg
 
   def logits_from_hidden(self, h: Array) -> Array:
     """h [B, T, width] -> logits [B, T, vocab] in float32."""
@@ -140,6 +149,19 @@ class LSTMLM(nnx.Module):
     self, tokens: Array, *, seq_lengths: Array | None = None, carry: LSTMCarry | None = None
   ) -> Array:
     return self.forward(tokens, seq_lengths=seq_lengths, carry=carry)[0]
+
+  def train_forward(self, tokens: Array, *, carry: LSTMCarry | None = None):
+    """(logits [B, T, vocab], final carry, AR + TAR penalty) for the training loss (Merity et al. 2017):
+    AR = activation_reg * mean(dropped last-layer outputs ** 2), TAR = temporal_activation_reg *
+    mean((raw_t - raw_{t-1}) ** 2) over the undropped ones; means over every element, as AWD-LSTM."""
+    out, raw = self.backbone.run(tokens, carry=carry)
+    penalty = jnp.zeros((), jnp.float32)
+    if self.activation_reg:
+      penalty += self.activation_reg * jnp.mean(jnp.square(out.hidden.astype(jnp.float32)))
+    if self.temporal_activation_reg and raw.shape[1] > 1:
+      step = (raw[:, 1:] - raw[:, :-1]).astype(jnp.float32)  # [B, T-1, width]
+      penalty += self.temporal_activation_reg * jnp.mean(jnp.square(step))
+    return self.logits_from_hidden(out.hidden), out.state, penalty
 
   def zero_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:
     """The state before any token: h [layers, B, width], c [layers, B, hidden]."""

@@ -12,6 +12,7 @@ Nothing outside this module compares `config.model.name` with a family's name: a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 from lstm_attn.attention.ops import IMPLEMENTATIONS
@@ -104,7 +105,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LSTMLMConfig(ModelConfig):
-  """AWD-LSTM-style LM. proj_size 0: no LSTMP projection; dropouts are locked (one mask per sequence)."""
+  """AWD-LSTM-style LM. proj_size 0: no LSTMP projection; dropouts are locked (one mask per sequence).
+
+  AWD-LSTM's regularisers: embed_dropout (whole word types), input/hidden/output_dropout (locked),
+  weight_drop (DropConnect on every hidden-to-hidden matrix), activation_reg (AR: alpha * mean of the
+  squared dropped last-layer outputs) and temporal_activation_reg (TAR: beta * mean of the squared
+  step-to-step change of the undropped ones), both added to the training loss only.
+  """
 
   embed_dim: int = 128
   hidden_size: int = 256
@@ -115,6 +122,9 @@ class LSTMLMConfig(ModelConfig):
   input_dropout: float = 0.0
   hidden_dropout: float = 0.0
   output_dropout: float = 0.0
+  weight_drop: float = 0.0
+  activation_reg: float = 0.0
+  temporal_activation_reg: float = 0.0
 
   def __post_init__(self):
     super().__post_init__()
@@ -124,7 +134,10 @@ class LSTMLMConfig(ModelConfig):
       'proj_size',
       f'0 (no projection) or in (0, config.model.hidden_size={self.hidden_size})',
     )
-    self._rates('embed_dropout', 'input_dropout', 'hidden_dropout', 'output_dropout')
+    self._rates('embed_dropout', 'input_dropout', 'hidden_dropout', 'output_dropout', 'weight_drop')
+    for field in ('activation_reg', 'temporal_activation_reg'):
+      value = getattr(self, field)
+      self._require(math.isfinite(value) and value >= 0, field, 'a finite number >= 0 (0: off)')
 
   @property
   def width(self) -> int:
@@ -143,6 +156,7 @@ class HybridConfig(ModelConfig):
   boom_hidden: int = 0
   dropout: float = 0.0
   embed_dropout: float = 0.0
+  weight_drop: float = 0.0  # DropConnect on each block's LSTM hidden-to-hidden matrix (AWD-LSTM)
   tie_embeddings: bool = True
   attention_impl: str | None = None
 
@@ -157,7 +171,7 @@ class HybridConfig(ModelConfig):
       f'indices of the config.model.num_layers={n} blocks (each in [{-n}, {n}))',
     )
     self._require(self.boom_hidden >= 0, 'boom_hidden', 'an int >= 0 (0: no boom layer)')
-    self._rates('dropout', 'embed_dropout')
+    self._rates('dropout', 'embed_dropout', 'weight_drop')
     self._choice('attention_impl', IMPLEMENTATIONS, none_ok=True)
 
   @property

@@ -126,9 +126,12 @@ def model_loss(model, batch: dict, objective: str, carry=None):
        seq_lengths [B], nsp_labels [B].
   cls: inputs [B, T], seq_lengths [B], labels [B], optional weights [B] and token_type_ids [B, T].
   """
-  if objective == 'lm' and carry is not None:
-    logits, carry = model.forward(batch['inputs'], carry=carry_in(carry, batch.get('reset')))  # [B, T, V]
-    return (*next_token_loss(logits, batch['targets'], batch.get('weights')), carry)
+  if objective == 'lm' and hasattr(model, 'train_forward'):
+    # The LSTM families: continue the carry (if the run carries one) and add AR/TAR (the LSTM LM's).
+    start = None if carry is None else carry_in(carry, batch.get('reset'))
+    logits, final, penalty = model.train_forward(batch['inputs'], carry=start)  # [B, T, V]
+    mean, sums = next_token_loss(logits, batch['targets'], batch.get('weights'))
+    return mean + penalty, {**sums, 'penalty': penalty}, None if carry is None else final
   if objective == 'lm':
     logits = model(batch['inputs'])  # [B, T, V]
     return (*next_token_loss(logits, batch['targets'], batch.get('weights')), None)
@@ -206,6 +209,8 @@ class PureSteps:
     updates, opt_state = self.tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    if 'penalty' in sums:  # AR + TAR, part of `loss` (the cross entropy is loss - penalty)
+      metrics['penalty'] = sums['penalty'] / k
     if self.objective == 'mlm':
       metrics['nsp_loss'] = sums['nsp_loss'] / jnp.maximum(sums['nsp_count'], 1.0)
     if self.objective == 'cls':

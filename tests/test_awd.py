@@ -1,0 +1,98 @@
+"""AWD-LSTM regularisation: weight drop (DropConnect on w_hh), AR and TAR, against float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_close
+from test_lstm import CONFIGS, _setup, numpy_lstm
+
+from lstm_attn.lstm import LSTM, lstm
+from lstm_attn.models import LSTMLM
+from lstm_attn.models.specs import LSTMLMConfig
+
+
+def _dropped(params, rng, rate):
+  """The params `lstm(..., weight_drop=rate, rng=rng)` runs with: each w_hh times its mask / (1 - rate)."""
+  _, drop_key = jax.random.split(rng)
+  out = {}
+  for index, (name, cell) in enumerate(params.items()):  # layer-major, forward before reverse
+    keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(drop_key, index), 1 - rate, cell['w_hh'].shape))
+    out[name] = {**cell, 'w_hh': np.where(keep, np.asarray(cell['w_hh'], np.float64) / (1 - rate), 0.0)}
+  return out, keep
+
+
+@pytest.mark.parametrize('name', ['plain', 'bidirectional_proj_batch1'])
+def test_weight_drop_is_dropconnect_on_w_hh_shared_over_steps_and_rows(name):
+  params, x, lengths, carry, reverse = _setup(CONFIGS[name])
+  rng = jax.random.key(7)
+  got, final = jax.jit(
+    lambda p, x, c: lstm(p, x, seq_lengths=lengths, initial_carry=c, weight_drop=0.5, rng=rng)
+  )(params, x, carry)
+  dropped, keep = _dropped(params, rng, 0.5)
+  want, want_final = numpy_lstm(dropped, x, lengths, carry)  # one masked matrix for every step and row
+  assert_close(got, want, what='outputs with weight drop')
+  assert_close(final.c, want_final.c, what='final c with weight drop')
+  assert 0.3 < keep.mean() < 0.7  # a real mask at rate 0.5
+  undropped, _ = numpy_lstm(params, x, lengths, carry)
+  assert np.abs(np.asarray(got) - undropped).max() > 1e-2
+
+
+def test_weight_drop_gradients_float64_and_custom_vjp():
+  """The hand-written backward through the masked matrix: float64 numerical gradients (the mask is a
+  function of the key alone, so it is the same under every perturbation), and float32 autodiff with
+  random cotangents (a float64 run would draw another mask: bernoulli samples in the float dtype)."""
+  from jax.test_util import check_grads
+
+  small = (2, 3, 2, 2, 2, False, 0, False, True)
+  with jax.enable_x64(True):
+    params, x, lengths, _, _ = _setup(small, seed=3, dtype=jnp.float64)
+    f = jax.jit(lambda p, x: lstm(p, x, seq_lengths=lengths, weight_drop=0.4, rng=jax.random.key(2)))
+    check_grads(f, (params, x), order=1, modes=['rev'], eps=1e-5, atol=1e-6, rtol=1e-6)
+  params, x, lengths, _, _ = _setup(CONFIGS['ragged_reverse_stacked_proj'], seed=4)
+
+  def grads(params, x, cts, custom_vjp):
+    fn = lambda p, x: lstm(
+      p, x, seq_lengths=lengths, weight_drop=0.3, rng=jax.random.key(3), custom_vjp=custom_vjp
+    )[0]  # fmt: skip
+    return jax.vjp(fn, params, x)[1](cts)
+
+  cts = jax.random.normal(jax.random.key(5), jax.eval_shape(lambda: lstm(params, x)[0]).shape)
+  got = jax.jit(grads, static_argnums=3)(params, x, cts, True)
+  want = jax.jit(grads, static_argnums=3)(params, x, cts, False)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert_close(g, w, what='gradient with weight drop, custom VJP vs autodiff')
+
+
+def test_weight_drop_only_in_train_mode_and_checked():
+  m = LSTM(3, 4, weight_drop=0.5, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+  m.eval()
+  np.testing.assert_array_equal(np.asarray(m(x)[0]), np.asarray(lstm(m.pure_params(), x)[0]))
+  m.train()
+  assert np.abs(np.asarray(m(x)[0]) - np.asarray(lstm(m.pure_params(), x)[0])).max() > 1e-3
+  with pytest.raises(ValueError, match='weight_drop must be a number in'):
+    LSTM(3, 4, weight_drop=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='weight_drop > 0 needs rng'):
+    lstm(m.pure_params(), x, weight_drop=0.1)
+  with pytest.raises(ValueError, match='config.model.weight_drop'):
+    LSTMLMConfig(weight_drop=-0.1)
+  with pytest.raises(ValueError, match='config.model.temporal_activation_reg'):
+    LSTMLMConfig(temporal_activation_reg=float('inf'))
+
+
+def test_ar_and_tar_penalties_match_float64():
+  cfg = LSTMLMConfig(
+    embed_dim=6, hidden_size=8, num_layers=2, activation_reg=2.0, temporal_activation_reg=1.5
+  )
+  model = LSTMLM(cfg, 11, rngs=nnx.Rngs(0))
+  model.eval()  # no dropout: the dropped and the raw outputs are the same
+  tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, 11)
+  logits, _, penalty = model.train_forward(tokens)
+  h = np.asarray(model.backbone(tokens).hidden, np.float64)  # [B, T, width]
+  want = 2.0 * np.mean(h**2) + 1.5 * np.mean((h[:, 1:] - h[:, :-1]) ** 2)
+  np.testing.assert_allclose(float(penalty), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(model(tokens)), rtol=1e-6, atol=1e-6)
+  off = LSTMLM(LSTMLMConfig(embed_dim=6, hidden_size=8), 11, rngs=nnx.Rngs(0))
+  assert float(off.train_forward(tokens)[2]) == 0.0
