@@ -1,8 +1,10 @@
-"""Faults, end to end through experiments/train.py: SIGKILL, a kill during a checkpoint write, a corrupted
-checkpoint, a diverging (NaN) run, bad flags / configs / paths / workdirs. Tiny models, few subprocesses."""
+"""Faults, end to end through experiments/train.py: SIGKILL (TensorBoard included), SIGTERM, a kill during a
+checkpoint write, a corrupted checkpoint, a diverging (NaN) run, bad flags / configs / paths / workdirs.
+Tiny models, few subprocesses."""
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,7 +16,9 @@ from train_tiny import REPO, TINY_FLAGS, compilation_cache, config_from_flags, f
 from lstm_attn import training as train
 
 STEPS = 40
-RUN_FLAGS = TINY_FLAGS + [
+# Logs every 3 steps, checkpoints every 4: a stop between two logs must carry the pending steps' metrics.
+RUN_FLAGS = [f for f in TINY_FLAGS if not f.startswith('--config.log_every=')] + [
+  '--config.log_every=3',
   f'--config.num_train_steps={STEPS}',
   '--config.checkpoint_every=4',
   '--config.eval_every=20',
@@ -84,9 +88,36 @@ def _last_train_step(workdir):
     return 0
 
 
+def _tensorboard_scalars(workdir, tag):
+  """{step: value} of `tag` as TensorBoard shows it: the event files in name order, each record parsed from
+  its TFRecord frame, and a SessionLog.START at step s (a resumed run's purge_step) discarding what
+  earlier files hold for steps >= s."""
+  from tensorboardX.proto import event_pb2
+
+  out = {}
+  folder = os.path.join(workdir, 'tensorboard')
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (n,) = struct.unpack('<Q', data[pos : pos + 8])  # length, its crc, the record, the record's crc
+      record = data[pos + 12 : pos + 12 + n]
+      pos += 12 + n + 4
+      if len(record) < n:
+        break  # cut short by a kill
+      event = event_pb2.Event.FromString(record)
+      if event.HasField('session_log') and event.session_log.status == event_pb2.SessionLog.START:
+        out = {s: v for s, v in out.items() if s < event.step}
+      for v in event.summary.value:
+        if v.tag == tag:
+          out[event.step] = v.simple_value
+  return out
+
+
 def test_sigkill_mid_training_then_restart_matches_uninterrupted(tmp_path, cache_dir, reference):
   workdir = str(tmp_path / 'run')
-  args = RUN_FLAGS + [f'--workdir={workdir}']
+  args = RUN_FLAGS + ['--config.tensorboard=True', f'--workdir={workdir}']
   proc = subprocess.Popen(
     [sys.executable, os.path.join(REPO, 'experiments', 'train.py')] + args,
     cwd=REPO,
@@ -102,9 +133,46 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(tmp_path, cache
   proc.wait()
   killed_at = _last_train_step(workdir)
   assert 10 <= killed_at < STEPS
+  assert os.path.exists(os.path.join(workdir, '.lock'))  # the killed trainer's lock file: no longer held
   out = _main(args, cache_dir)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'Resumed from' in out.stdout
+  _assert_same_run(workdir, reference)
+  # TensorBoard shows what metrics.jsonl holds: every logged step once, the killed attempt's later steps
+  # superseded by the resumed run's.
+  losses = train_losses(workdir)
+  assert _tensorboard_scalars(workdir, 'train/loss') == {s: np.float32(v) for s, v in losses.items()}
+
+
+def test_sigterm_saves_the_current_step_exits_with_one_line_and_resumes_exactly(
+  tmp_path, cache_dir, reference
+):
+  workdir = str(tmp_path / 'run')
+  args = RUN_FLAGS + [f'--workdir={workdir}']
+  with open(tmp_path / 'log', 'w+', encoding='utf-8') as log:
+    proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'experiments', 'train.py')] + args,
+      cwd=REPO,
+      env=_env(cache_dir),
+      stdout=log,
+      stderr=log,
+    )
+    deadline = time.time() + 300
+    while _last_train_step(workdir) < 10 and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    assert proc.poll() is None, 'the run ended before it could be stopped mid-training'
+    proc.send_signal(signal.SIGTERM)  # how a cluster preempts a job
+    proc.wait(timeout=120)
+  out = (tmp_path / 'log').read_text()
+  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  assert 'Traceback' not in out, out[-3000:]
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  stopped = [line for line in out.splitlines() if 'SIGTERM' in line]
+  assert len(stopped) == 1 and f'step {steps[-1]}' in stopped[0], out[-2000:]
+  assert 10 <= steps[-1] < STEPS
+  out = _main(args, cache_dir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'checkpoints/{steps[-1]} (step {steps[-1]})' in out.stdout, out.stdout[-2000:]
   _assert_same_run(workdir, reference)
 
 

@@ -6,15 +6,26 @@ Where a run starts (checked in this order, as big_vision documents it):
   2. else, for fine-tuning, the pretrained params of `config.init_from` restored into the matching
      subtree (`backbone`), the rest fresh (lstm_attn.training.transfer);
   3. else from scratch.
-A stopped run resumes exactly: the checkpoint holds params, optimizer state, step, the dropout RNG state
-and the batcher position, so on CPU the losses at every later step and the final params are identical to
-an uninterrupted run's (tests/test_train.py, tests/test_faults.py).
+A stopped run resumes exactly: the checkpoint holds params, optimizer state, step, the dropout RNG state,
+the batcher position and the metrics of the steps since the last log line, so on CPU the losses at every
+later step and the final params are identical to an uninterrupted run's (tests/test_train.py,
+tests/test_faults.py).
+
+One trainer per workdir: a second one fails at once with WorkdirLocked, naming the holder, before it
+touches anything (checkpointing.WorkdirLock; the kernel drops the lock of a killed trainer). SIGTERM
+(a cluster's preemption) and SIGINT (Ctrl-C) stop the run after the current step: its checkpoint is
+written, one line says so on stderr, and TrainingInterrupted (a SystemExit) ends the process with
+status 128 + the signal number; a second signal stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 
 import jax
 import ml_collections
@@ -32,6 +43,24 @@ class TrainingDiverged(FloatingPointError):
   """The training loss became NaN or inf; the run stopped without saving the bad state."""
 
 
+class TrainingInterrupted(SystemExit):
+  """SIGTERM or SIGINT stopped the run; the checkpoint of the step it stopped at is written.
+
+  A SystemExit (as KeyboardInterrupt, not an Exception that generic handlers would swallow): the
+  process was asked to end, and ends with status 128 + the signal number, what shells and schedulers
+  read as "ended by that signal", after the one-line message (already printed on stderr, no traceback).
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.message = message
+    self.signum = signum
+    self.code = 128 + signum
+
+  def __str__(self):
+    return self.message
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), evaluates, samples.
 
@@ -41,24 +70,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config, workdir = _checked(config, workdir)
   place = _Placement(config)
-  data = inputs.make_inputs(config, workdir)
-  steps = build_steps(
-    config, lambda rngs: build_model(config, vocab_size=data.vocab_size, rngs=rngs), mesh=place.mesh
-  )
-  ckpt = checkpointing.Checkpointer(
-    os.path.join(workdir, 'checkpoints'),
-    keep_latest=config.keep_latest,
-    keep_best=config.keep_best,
-    async_save=config.async_checkpoints,
-  )
-  writer = lu.MetricWriter(workdir, tensorboard=config.tensorboard) if place.main else lu.NullWriter()
-  try:
-    step, state = _start(config, workdir, steps, ckpt, data, writer)
-    step, state, last_eval = _train(config, place, data, steps, ckpt, writer, step, state)
-    summary = _write_summary(config, place, data, steps, writer, workdir, step, state, last_eval)
-  finally:
-    writer.close()
-    ckpt.close()
+  with _one_trainer(workdir, place), _StopSignals() as stop:
+    data = inputs.make_inputs(config, workdir)
+    steps = build_steps(
+      config, lambda rngs: build_model(config, vocab_size=data.vocab_size, rngs=rngs), mesh=place.mesh
+    )
+    ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'),
+      keep_latest=config.keep_latest,
+      keep_best=config.keep_best,
+      async_save=config.async_checkpoints,
+    )
+    writer = lu.MetricWriter(workdir, tensorboard=config.tensorboard) if place.main else lu.NullWriter()
+    try:
+      step, state, pending = _start(config, workdir, steps, ckpt, data, writer)
+      step, state, last_eval = _train(config, place, data, steps, ckpt, writer, step, state, pending, stop)
+      summary = _write_summary(config, place, data, steps, writer, workdir, step, state, last_eval)
+    finally:
+      writer.close()
+      ckpt.close()
   if config.compare_from_scratch:
     summary['from_scratch'] = _compare_from_scratch(config, workdir, summary)
   return summary
@@ -89,7 +119,8 @@ def _checked(config, workdir: str):
 
 
 def _start(config, workdir, steps, ckpt, data, writer):
-  """(step, state) where the run starts (see the module docstring for the order)."""
+  """(step, state, metrics of the steps since the last log line) where the run starts (see the module
+  docstring for the order)."""
   try:
     restored = ckpt.restore_latest_good(steps.abstract_state)
   except checkpointing.CheckpointError as e:
@@ -106,18 +137,19 @@ def _start(config, workdir, steps, ckpt, data, writer):
   if restored is not None:
     step, state, meta = restored
     data.train.restore(meta['data_state'])
-    writer.truncate_after(step)
+    writer.start_at(step)
     lu.log(f'Resumed from {ckpt.directory}/{step} (step {step}).')
-    return step, state
-  writer.truncate_after(0)  # a fresh start: no records of an earlier, checkpoint-less attempt
+    return step, state, _pending_from_json(meta.get('pending_metrics', []))
+  writer.start_at(0)  # a fresh start: no records of an earlier, checkpoint-less attempt
   state = steps.init()
   if config.init_from:
     state = transfer.init_from_pretrained(state, config, steps, workdir)
-  return 0, state
+  return 0, state, []
 
 
-def _train(config, place, data, steps, ckpt, writer, step, state):
-  """Steps from `step` to config.num_train_steps with logs, evals and checkpoints.
+def _train(config, place, data, steps, ckpt, writer, step, state, pending, stop):
+  """Steps from `step` to config.num_train_steps with logs, evals and checkpoints; `pending`: the
+  (step, metrics) since the last log line; `stop`: the _StopSignals that end the run early.
 
   Returns (final step, final state, the metrics of the last eval: {} if the run had no step left).
   """
@@ -127,9 +159,21 @@ def _train(config, place, data, steps, ckpt, writer, step, state):
     f'{config.batch_size} x {data.seq_len}, {num_steps} steps, workdir {os.path.dirname(ckpt.directory)}'
   )
   progress = lu.Progress(num_steps, step, data.tokens_per_step)
-  pending = []  # (step, device metrics) since the last log
+  workdir = os.path.dirname(ckpt.directory)
+  saved = step  # the step of the newest checkpoint (0: none; a fresh start needs none)
   last_eval = {}
   while step < num_steps:
+    signum = stop.requested(at_sync_point=step % config.log_every == 0)
+    if signum is not None:
+      if step != saved:
+        pending = _flush_train_metrics(pending, step, progress, writer, ckpt, do_log=False)
+        writer.flush()
+        ckpt.save(step, state, _meta(config, data, step, pending, workdir))
+      ckpt.wait()
+      message = _stopped_message(signum, step, ckpt)
+      if place.main:
+        print(message, file=sys.stderr, flush=True)
+      raise TrainingInterrupted(message, signum)
     state, metrics = steps.train_step(state, place.train_batch(data.train.next()))
     step += 1
     pending.append((step, metrics))
@@ -139,21 +183,47 @@ def _train(config, place, data, steps, ckpt, writer, step, state):
     # Also at every eval when the best-N policy ranks checkpoints by eval loss.
     do_ckpt = step % config.checkpoint_every == 0 or is_last or (do_eval and config.keep_best > 0)
     if do_log or do_ckpt:
-      _flush_train_metrics(pending, step, progress, writer, ckpt, do_log)
-      pending = []
+      pending = _flush_train_metrics(pending, step, progress, writer, ckpt, do_log)
     if do_eval:
       last_eval = _run_eval(config, data, place, steps, state, step, writer, is_last)
     if do_ckpt:
-      meta = {
-        'step': step,
-        'data_state': _to_json(data.train.state()),
-        'fingerprint': _to_json(_fingerprint(config)),
-        'config': _to_json(config.to_dict()),
-        'tokenizer': data.tokenizer_path,
-      }
+      writer.flush()  # TensorBoard holds every record up to the checkpoint a kill would resume from
+      meta = _meta(config, data, step, pending, workdir)
       ckpt.save(step, state, meta, eval_loss=last_eval['val']['loss'] if do_eval else None)
+      saved = step
   ckpt.wait()
   return step, state, last_eval
+
+
+def _meta(config, data, step, pending, workdir) -> dict:
+  """What a checkpoint holds besides the arrays (JSON; see checkpointing)."""
+  return {
+    'step': step,
+    'data_state': _to_json(data.train.state()),
+    'fingerprint': _to_json(_fingerprint(config)),
+    'config': _to_json(config.to_dict()),
+    'tokenizer': checkpointing.relative_to_workdir(data.tokenizer_path, workdir),
+    # The steps since the last log line (fetched at every checkpoint): a resumed run logs their mean.
+    'pending_metrics': _pending_to_json(pending),
+  }
+
+
+def _pending_to_json(pending) -> list:
+  return [[s, {k: [float(v), str(np.asarray(v).dtype)] for k, v in m.items()}] for s, m in pending]
+
+
+def _pending_from_json(saved) -> list:
+  return [(s, {k: np.asarray(v, dtype=dtype) for k, (v, dtype) in m.items()}) for s, m in saved]
+
+
+def _stopped_message(signum: int, step: int, ckpt) -> str:
+  name = signal.Signals(signum).name
+  if step == 0:
+    return f'stopped by {name} before the first step; nothing to save.'
+  return (
+    f'stopped by {name} at step {step}: its checkpoint is {ckpt.directory}/{step}; the same command '
+    'resumes from it.'
+  )
 
 
 def _write_summary(config, place, data, steps, writer, workdir, step, state, last_eval) -> dict:
@@ -177,8 +247,11 @@ def _write_summary(config, place, data, steps, writer, workdir, step, state, las
   return summary
 
 
-def _flush_train_metrics(pending, step, progress, writer, ckpt, do_log) -> None:
-  """Fetches the pending per-step metrics; stops the run on NaN/inf; writes the log line and JSONL."""
+def _flush_train_metrics(pending, step, progress, writer, ckpt, do_log) -> list:
+  """Fetches the pending per-step metrics; stops the run on NaN/inf; writes the log line and JSONL.
+
+  Returns what stays pending: [] after a log line, else the fetched (step, metrics) (for the checkpoint).
+  """
   fetched = jax.device_get([m for _, m in pending])
   for (s, _), m in zip(pending, fetched):
     if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
@@ -195,12 +268,13 @@ def _flush_train_metrics(pending, step, progress, writer, ckpt, do_log) -> None:
         'and resume; turning clipping on from 0 changes the optimizer state, so that needs a fresh --workdir.'
       )
   if not do_log:
-    return
+    return [(s, m) for (s, _), m in zip(pending, fetched)]
   keys = sorted(fetched[-1], key=lambda k: (k != 'loss', k))  # loss first in the log line
   mean = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
   line, rates = progress.line(step, mean)
   lu.log(line)
   writer.write(step, 'train', {**mean, **rates})
+  return []
 
 
 _LOGGED = ('loss', 'perplexity', 'bits_per_char', 'bits_per_byte', 'accuracy', 'nsp_accuracy')
@@ -270,6 +344,70 @@ def _compare_from_scratch(config, workdir, summary) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Helpers.
 # ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _one_trainer(workdir: str, place):
+  """Holds the workdir lock for the run (taken by process 0; every process raises if it is held)."""
+  lock = checkpointing.WorkdirLock(workdir)
+  error = None
+  if place.main:
+    try:
+      lock.acquire()
+    except checkpointing.WorkdirLocked as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and error is None:
+      error = checkpointing.WorkdirLocked(
+        f'workdir {workdir!r} is in use by another trainer (see process 0).'
+      )
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+class _StopSignals:
+  """SIGTERM and SIGINT ask the loop to stop after the current step (`requested`); a second one stops at
+  once, through the handler that was there before (Python's KeyboardInterrupt, or the default: exit).
+  Handlers can only be set in the main thread; elsewhere the signals keep their usual effect."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __enter__(self):
+    self.signum = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is None:
+      self.signum = signum
+      return
+    self.__exit__()
+    signal.raise_signal(signum)
+
+  def requested(self, *, at_sync_point: bool) -> int | None:
+    """The signal that asks to stop, or None. With several processes, all of them must stop at the same
+    step: they agree (an allgather) at sync points, the steps every process reaches alike."""
+    if jax.process_count() == 1:
+      return self.signum
+    if not at_sync_point:
+      return None
+    from jax.experimental import multihost_utils
+
+    got = int(np.max(multihost_utils.process_allgather(np.int32(self.signum or 0))))
+    return got or None
+
+
 class _Placement:
   """Where a run's arrays live (lstm_attn.training.sharding): the device mesh from `config.mesh`, this
   process's rows of every batch, and who writes (process 0). One device is the 1x1 mesh: the same path."""

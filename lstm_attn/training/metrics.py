@@ -2,9 +2,11 @@
 
 `MetricWriter` writes every record to `<workdir>/metrics.jsonl` (one JSON object per line, with `step`,
 `split` ('train', 'val', 'test', ...) and the scalars) and to TensorBoard (`<workdir>/tensorboard`,
-tag `<split>/<name>`) through one `tensorboardX.SummaryWriter` that is flushed on every eval and closed
-at the end. On resume, `truncate_after(step)` drops JSONL records logged after the restored checkpoint,
-so the file reads as one uninterrupted run. `Progress` formats the one-line train log with tokens/s and
+tag `<split>/<name>`) through one `tensorboardX.SummaryWriter` that the trainer flushes at every eval
+and every checkpoint, and closes at the end. On resume, `start_at(step)` drops JSONL records logged after
+the restored checkpoint, so the file reads as one uninterrupted run, and has TensorBoard drop its events
+of those steps too (a killed run's events up to its last checkpoint were flushed, the later ones are
+superseded). `Progress` formats the one-line train log with tokens/s and
 the time left.
 """
 
@@ -43,11 +45,23 @@ class MetricWriter:
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb_dir = os.path.join(workdir, 'tensorboard') if tensorboard else None
     self._tb = None
-    if tensorboard:
-      from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'), flush_secs=30)
+  def start_at(self, step: int) -> None:
+    """Where the run (re)starts: `truncate_after(step)`, and TensorBoard told the same. Its new event
+    file opens with a SessionLog.START at step + 1 (tensorboardX's `purge_step`), so TensorBoard drops
+    what older event files hold for later steps, as metrics.jsonl dropped those records."""
+    self.truncate_after(step)
+    if self._tb_dir is not None and self._tb is None:
+      earlier = os.path.isdir(self._tb_dir) and bool(os.listdir(self._tb_dir))
+      self._open_tensorboard(purge_step=step + 1 if earlier else None)
+
+  def _open_tensorboard(self, purge_step=None):
+    from tensorboardX import SummaryWriter
+
+    self._tb = SummaryWriter(logdir=self._tb_dir, flush_secs=30, purge_step=purge_step)
+    return self._tb
 
   def truncate_after(self, step: int) -> None:
     """Keeps only records with step <= `step` (called after restoring the checkpoint at `step`, or with 0
@@ -73,14 +87,15 @@ class MetricWriter:
       record[k] = float(v) if isinstance(v, (int, float)) or hasattr(v, 'dtype') else v
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record) + '\n')
-    if self._tb is not None:
+    if self._tb_dir is not None:
+      tb = self._tb or self._open_tensorboard()
       for k, v in record.items():
         if k not in ('step', 'split', 'time') and isinstance(v, float) and math.isfinite(v):
-          self._tb.add_scalar(f'{split}/{k}', v, int(step))
+          tb.add_scalar(f'{split}/{k}', v, int(step))
 
   def write_text(self, step: int, tag: str, text: str) -> None:
-    if self._tb is not None:
-      self._tb.add_text(tag, text, int(step))
+    if self._tb_dir is not None:
+      (self._tb or self._open_tensorboard()).add_text(tag, text, int(step))
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -90,6 +105,7 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+      self._tb_dir = None  # (nothing is written after close)
 
 
 def format_duration(seconds: float) -> str:
@@ -142,6 +158,9 @@ class NullWriter:
   path = os.devnull
 
   def truncate_after(self, step):
+    pass
+
+  def start_at(self, step):
     pass
 
   def write(self, step, split, scalars):
