@@ -174,8 +174,9 @@ def _gates(z):
   return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_residuals):
-  """Runs the recurrence. xw: [T, B, 4H] (x @ W_ih, state dtype, bias not added); mask: [T, B, 1] or None.
+def _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, keep_residuals):
+  """Runs the recurrence. xw: [T, B, 4H] (x @ W_ih, state dtype, bias not added); mask: [T, B, 1] or None;
+  resets: [T, B, 1] or None (where set, the state entering that step is zero: a new document starts).
 
   Returns hs [T, B, R] (the carried h after each step, state dtype), hT, cT and, if keep_residuals, the
   residuals of the backward pass: `gates` [T, B, 4H] (activated (i, f, g, o), written over xw in place:
@@ -187,7 +188,9 @@ def _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_re
   w_hh_c = w_hh.astype(cdt)
   w_hr_c = None if w_hr is None else w_hr.astype(cdt)
 
-  def cell(h, c, z_in, valid):
+  def cell(h, c, z_in, valid, reset):
+    if reset is not None:  # (the residual c_prev keeps the state before the reset: the backward needs it)
+      h, c = jnp.where(reset, jnp.zeros((), h.dtype), h), jnp.where(reset, jnp.zeros((), c.dtype), c)
     gates = _gates(z_in + b + _dot(h, w_hh_c, cdt, sdt))
     i, f, g, o = gates
     c_new = f * c + i * g
@@ -206,19 +209,19 @@ def _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, keep_re
       h_new, c_new, _, _ = cell(h, c, *xs)
       return (h_new, c_new), h_new
 
-    (hT, cT), hs = lax.scan(step, (h0, c0), (xw, mask), reverse=reverse, unroll=unroll)
+    (hT, cT), hs = lax.scan(step, (h0, c0), (xw, mask, resets), reverse=reverse, unroll=unroll)
     return hs, hT, cT, None
 
   def step_res(carry, xs):
     h, c, buf = carry  # [B, R], [B, H], [T, B, 4H]: xw, becoming the gates step by step
-    t, valid = xs
-    h_new, c_new, gates, m = cell(h, c, lax.dynamic_index_in_dim(buf, t, keepdims=False), valid)
+    t, valid, reset = xs
+    h_new, c_new, gates, m = cell(h, c, lax.dynamic_index_in_dim(buf, t, keepdims=False), valid, reset)
     buf = lax.dynamic_update_index_in_dim(buf, jnp.concatenate(gates, axis=-1), t, 0)
     return (h_new, c_new, buf), (h_new, c, None if w_hr_c is None else m)
 
   steps = jnp.arange(xw.shape[0])
   (hT, cT, gates), (hs, c_prev, m) = lax.scan(
-    step_res, (h0, c0, xw), (steps, mask), reverse=reverse, unroll=unroll
+    step_res, (h0, c0, xw), (steps, mask, resets), reverse=reverse, unroll=unroll
   )
   return hs, hT, cT, (gates, c_prev, m)
 
@@ -228,24 +231,24 @@ def _project(x, w_ih, cdt, sdt):
   return _dot(_rows(x), w_ih.astype(cdt), cdt, sdt).reshape(*x.shape[:2], w_ih.shape[1])
 
 
-def _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+def _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll):
   """One layer and direction: x [T, B, F] (compute dtype) -> (hs [T, B, R], hT [B, R], cT [B, H]).
 
   Differentiated by plain autodiff of the scan; `_layer` is the same function with the hand-written
   backward pass (see the module docstring).
   """
   xw = _project(x, w_ih, cdt, h0.dtype)
-  hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, False)
+  hs, hT, cT, _ = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, False)
   return hs, hT, cT
 
 
-_layer = jax.custom_vjp(_layer_autodiff, nondiff_argnums=(8, 9, 10))
+_layer = jax.custom_vjp(_layer_autodiff, nondiff_argnums=(9, 10, 11))
 
 
-def _layer_fwd(x, w_ih, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll):
+def _layer_fwd(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll):
   xw = _project(x, w_ih, cdt, h0.dtype)
-  hs, hT, cT, residuals = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, reverse, cdt, unroll, True)
-  return (hs, hT, cT), (x, w_ih, b, w_hh, w_hr, h0, cT, mask, hs, *residuals)
+  hs, hT, cT, residuals = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, True)
+  return (hs, hT, cT), (x, w_ih, b, w_hh, w_hr, h0, cT, mask, resets, hs, *residuals)
 
 
 def _rows(seq):
@@ -261,7 +264,7 @@ def _shift(seq, first, reverse):
 
 
 def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
-  x, w_ih, b, w_hh, w_hr, h0, cT, mask, hs, gates, c_prev, m = residuals
+  x, w_ih, b, w_hh, w_hr, h0, cT, mask, resets, hs, gates, c_prev, m = residuals
   d_hs, d_hT, d_cT = cotangents  # [T, B, R], [B, R], [B, H]
   sdt = h0.dtype
   w_hh_t = w_hh.T.astype(cdt)  # [4H, R]
@@ -270,7 +273,7 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
   def step(carry, xs):
     # Cotangents of the carried h [B, R] and c [B, H] after this step; the cell state after this step.
     dh, dc, c_t = carry
-    d_y, gates_t, c_prev_t, valid = xs
+    d_y, gates_t, c_prev_t, valid, reset = xs
     dh = dh + d_y
     i, f, g, o = jnp.split(gates_t, 4, axis=-1)
     if valid is None:
@@ -280,10 +283,11 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
     dm = dh_in if w_hr_t is None else _dot(dh_in, w_hr_t, cdt, sdt)  # [B, H]
     tanh_c = jnp.tanh(c_t)
     dc_in = dc_in + dm * o * (1 - tanh_c * tanh_c)
+    c_read = c_prev_t if reset is None else jnp.where(reset, jnp.zeros((), c_prev_t.dtype), c_prev_t)
     dz = jnp.concatenate(
       [
         dc_in * g * i * (1 - i),
-        dc_in * c_prev_t * f * (1 - f),
+        dc_in * c_read * f * (1 - f),
         dc_in * i * (1 - g * g),
         dm * tanh_c * o * (1 - o),
       ],
@@ -295,13 +299,17 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
     dc_prev = dc_in * f
     if valid is not None:
       dh_prev, dc_prev = dh_prev + jnp.where(valid, 0, dh), dc_prev + jnp.where(valid, 0, dc)
+    if reset is not None:  # the state entering this step was replaced by zeros: nothing flows back
+      dh_prev, dc_prev = jnp.where(reset, 0, dh_prev), jnp.where(reset, 0, dc_prev)
     return (dh_prev, dc_prev, c_prev_t), (dz, None if w_hr_t is None else dh_in)
 
-  xs = (d_hs, gates, c_prev, mask)
+  xs = (d_hs, gates, c_prev, mask, resets)
   (d_h0, d_c0, _), (dz, dh) = lax.scan(step, (d_hT, d_cT, cT), xs, reverse=not reverse, unroll=unroll)
   # Weight and input gradients: one matmul over all time steps and examples each.
   dz_rows = _rows(dz).astype(cdt)  # [T * B, 4H]
   h_prev = _shift(hs, h0, reverse)  # [T, B, R]
+  if resets is not None:  # the h each step's recurrent matmul read
+    h_prev = jnp.where(resets, jnp.zeros((), h_prev.dtype), h_prev)
   d_w_hh = _dot(_rows(h_prev).T, dz_rows, cdt, sdt)  # [R, 4H]
   d_w_ih = _dot(_rows(x).T, dz_rows, cdt, sdt)  # [F, 4H]
   d_x = _dot(dz_rows, w_ih.T.astype(cdt), cdt, sdt).reshape(x.shape)  # [T, B, F]
@@ -310,7 +318,7 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
     d_w_hr = _dot(_rows(m).T, _rows(dh).astype(cdt), cdt, sdt).astype(w_hr.dtype)  # [H, P]
   d_b = jnp.sum(_rows(dz), axis=0).astype(b.dtype)
   d_w_ih, d_w_hh = d_w_ih.astype(w_ih.dtype), d_w_hh.astype(w_hh.dtype)
-  return d_x.astype(x.dtype), d_w_ih, d_b, d_w_hh, d_w_hr, d_h0, d_c0, None
+  return d_x.astype(x.dtype), d_w_ih, d_b, d_w_hh, d_w_hr, d_h0, d_c0, None, None
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
@@ -370,6 +378,7 @@ def lstm(
   *,
   seq_lengths: jax.Array | None = None,
   initial_carry: LSTMCarry | None = None,
+  resets: jax.Array | None = None,
   reverse: bool = False,
   dropout: float = 0.0,
   weight_drop: float = 0.0,
@@ -387,6 +396,9 @@ def lstm(
       zero and they do not change the state, so the final carry is each example's state after its last
       valid step. What padded inputs hold (even NaN or inf) changes no output, carry or gradient.
     initial_carry: optional LSTMCarry (default zeros); see LSTMCarry for the layout.
+    resets: optional bool [batch, time]: where set, every layer's state entering that step is zero (a new
+      document starts there inside a carried stream), and no gradient flows back across it.
+      Unidirectional, forward only.
     reverse: run every layer from each example's last valid step back to its first (unidirectional only).
     dropout: dropout rate on the inputs of layers 1..num_layers-1 (as torch.nn.LSTM); needs `rng`.
     weight_drop: DropConnect rate on every hidden-to-hidden matrix w_hh (AWD-LSTM's WeightDrop): one
@@ -409,6 +421,11 @@ def lstm(
     raise ValueError('weight_drop > 0 needs rng (a jax.random key); pass weight_drop=0.0 for evaluation')
   if reverse and cfg.num_directions == 2:
     raise ValueError('reverse=True is only defined for a unidirectional LSTM; got bidirectional params')
+  if resets is not None:
+    if reverse or cfg.num_directions == 2:
+      raise ValueError('resets are defined for a forward, unidirectional LSTM (a document starts at t)')
+    if jnp.shape(resets) != inputs.shape[:2]:
+      raise ValueError(f'resets must have shape [batch, time] = {inputs.shape[:2]}, got {jnp.shape(resets)}')
   param_dtype = params['layer0']['w_hh'].dtype
   cdt = jnp.dtype(dtype if dtype is not None else jnp.promote_types(inputs.dtype, param_dtype))
   sdt = jnp.promote_types(param_dtype, jnp.float32)
@@ -422,6 +439,7 @@ def lstm(
   if seq_lengths is not None:
     mask = (jnp.arange(time)[:, None] < jnp.asarray(seq_lengths)[None, :])[..., None]  # [T, B, 1]
   layer_fn = _layer if custom_vjp else _layer_autodiff
+  reset_tm = None if resets is None else jnp.swapaxes(jnp.asarray(resets, bool), 0, 1)[..., None]  # [T, B, 1]
 
   # Time-major inside: transposing the (narrow) inputs once is cheaper than a [B, T, 4H] -> [T, B, 4H]
   # projection layout, which XLA:CPU runs as a slow non-canonical dot.
@@ -446,7 +464,7 @@ def lstm(
         w_hh = jnp.where(keep, w_hh / (1.0 - weight_drop), jnp.zeros((), w_hh.dtype))
       hs, hT, cT = layer_fn(
         x, cell['w_ih'], cell['b'].astype(sdt), w_hh, cell.get('w_hr'), h_init[index], c_init[index],
-        mask, bool(reverse) != bool(direction), cdt, unroll,
+        mask, reset_tm, bool(reverse) != bool(direction), cdt, unroll,
       )  # fmt: skip
       if mask is not None:
         hs = jnp.where(mask, hs, 0)
@@ -570,12 +588,12 @@ class LSTM(nnx.Module):
   def zero_carry(self, batch_size: int) -> LSTMCarry:
     return zero_carry(self.pure_params(), batch_size)
 
-  def __call__(self, inputs, *, seq_lengths=None, initial_carry=None, reverse=False):
+  def __call__(self, inputs, *, seq_lengths=None, initial_carry=None, resets=None, reverse=False):
     """inputs [batch, time, input_size] -> (outputs [batch, time, D * (P or H)], final LSTMCarry)."""
     dropout = 0.0 if self.deterministic or self.num_layers == 1 else self.dropout
     weight_drop = 0.0 if self.deterministic else self.weight_drop
     rng = self.rngs() if dropout > 0.0 or weight_drop > 0.0 else None
     return lstm(
-      self.pure_params(), inputs, seq_lengths=seq_lengths, initial_carry=initial_carry, reverse=reverse,
-      dropout=dropout, weight_drop=weight_drop, rng=rng, dtype=self.dtype,
+      self.pure_params(), inputs, seq_lengths=seq_lengths, initial_carry=initial_carry, resets=resets,
+      reverse=reverse, dropout=dropout, weight_drop=weight_drop, rng=rng, dtype=self.dtype,
     )  # fmt: skip

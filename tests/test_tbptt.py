@@ -27,15 +27,16 @@ def _steps(name='lstm_lm', **overrides):
 
 
 def _lane_batches(rng, batch, seq_len, n, resets):
+  """n consecutive batches of `batch` lanes; resets[i] [B]: restart lane b at the start of batch i."""
   tokens = rng.integers(0, VOCAB, (batch, n * seq_len + 1)).astype(np.int32)  # [B, n*T + 1]
-  return [
-    {
-      'inputs': tokens[:, i * seq_len : (i + 1) * seq_len],
-      'targets': tokens[:, i * seq_len + 1 : (i + 1) * seq_len + 1],
-      'reset': np.asarray(resets[i], np.float32),
-    }
-    for i in range(n)
-  ]
+  out = []
+  for i in range(n):
+    r = np.zeros((batch, seq_len), np.float32)
+    r[:, 0] = resets[i]
+    cols = slice(i * seq_len, (i + 1) * seq_len)
+    out.append({'inputs': tokens[:, cols], 'targets': tokens[:, i * seq_len + 1 : (i + 1) * seq_len + 1],
+                'resets': r})  # fmt: skip
+  return out
 
 
 @pytest.mark.parametrize('name', ['lstm_lm', 'lstm_attn'])
@@ -110,9 +111,18 @@ def test_stateful_evaluation_equals_one_pass_over_each_lane():
 def test_sequential_batches_flag_the_epoch_start():
   b = batching.LMBatcher(np.arange(200, dtype=np.int32), 4, 8, mode='sequential')
   assert b.steps_per_epoch == 6
-  resets = [float(b.batch(i)['reset'][0]) for i in range(13)]
-  assert resets == [1, 0, 0, 0, 0, 0] * 2 + [1]
-  assert 'reset' not in batching.LMBatcher(np.arange(200, dtype=np.int32), 4, 8).batch(0)
+  resets = [b.batch(i)['resets'] for i in range(13)]
+  assert [float(r[0, 0]) for r in resets] == [1, 0, 0, 0, 0, 0] * 2 + [1]
+  assert all(float(r[:, 1:].sum()) == 0 and float(r[1:, 0].sum()) == 3 * r[0, 0] for r in resets)
+  assert 'resets' not in batching.LMBatcher(np.arange(200, dtype=np.int32), 4, 8).batch(0)
+  # Documents starting at tokens 10 and 60: lane 0 (tokens 0..48) sees 10 at step 1, offset 2;
+  # lane 1 (tokens 49..97) sees 60 at step 1, offset 3.
+  d = batching.LMBatcher(np.arange(200, dtype=np.int32), 4, 8, mode='sequential', doc_starts=[0, 10, 60])
+  r = d.batch(1)['resets']
+  assert d.batch(1)['inputs'][0, 2] == 10 and d.batch(1)['inputs'][1, 3] == 60
+  assert np.argwhere(r).tolist() == [[0, 2], [1, 3]]
+  e = list(batching.eval_batches(np.arange(50, dtype=np.int32), 2, 8, contiguous=True, doc_starts=[0, 30]))
+  assert [np.argwhere(b['resets']).tolist() for b in e] == [[[0, 0], [1, 5]], [], [], []]  # lanes of 25
 
 
 def test_carry_state_config_checks():

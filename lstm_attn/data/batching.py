@@ -110,15 +110,20 @@ class LMBatcher(_Batcher):
   mode='sequential': the stream is cut into `batch_size` contiguous lanes (AWD-LSTM's batchify) and step i
     reads the next `seq_len` tokens of every lane, so row b of batch i+1 continues row b of batch i (for
     models that carry their state across batches). One epoch is `steps_per_epoch` steps; then it wraps
-    (`epoch(step)` says which epoch a step is in). Sequential batches also hold reset [B] float32: 1 in
-    the first batch of an epoch, where every lane starts over (a carried state must restart there).
+    (`epoch(step)` says which epoch a step is in). Sequential batches also hold resets [B, T] float32:
+    1 where a carried state must restart: the first step of an epoch (every lane starts over) and the
+    first token of every document (`doc_starts`: token positions where a document begins).
+
   """
 
   _stream = 1
 
-  def __init__(self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, mode: str = 'random'):
+  def __init__(
+    self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, mode: str = 'random', doc_starts=None
+  ):
     super().__init__(seed)
     self.tokens = _as_tokens(tokens)
+    self._doc_start = _doc_start_mask(doc_starts, len(self.tokens))  # [num_tokens] bool
     self.batch_size = _check_positive('batch_size', batch_size)
     self.seq_len = _check_positive('seq_len', seq_len)
     if mode not in LM_MODES:
@@ -161,11 +166,26 @@ class LMBatcher(_Batcher):
     windows = self.tokens[starts[:, None] + self._offsets]  # [batch, seq_len + 1]
     batch = {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
     if self.mode == 'sequential':
-      batch['reset'] = np.full(self.batch_size, float(k == 0), np.float32)  # [batch]
+      resets = self._doc_start[starts[:, None] + self._offsets[:-1]]  # [batch, seq_len]
+      resets[:, 0] |= k == 0
+      batch['resets'] = resets.astype(np.float32)
     return batch
 
 
-def eval_batches(tokens, batch_size: int, seq_len: int, *, contiguous: bool = False, pad_id: int = 0):
+def _doc_start_mask(doc_starts, n: int) -> np.ndarray:
+  """[n] bool, True at the token positions in `doc_starts` (None: no document boundaries)."""
+  mask = np.zeros(n, bool)
+  if doc_starts is not None:
+    starts = np.asarray(doc_starts, np.int64)
+    if starts.size and (starts.min() < 0 or starts.max() >= n):
+      raise ValueError(f'doc_starts must be token positions in [0, {n}), got {starts.min()}..{starts.max()}')
+    mask[starts] = True
+  return mask
+
+
+def eval_batches(
+  tokens, batch_size: int, seq_len: int, *, contiguous: bool = False, pad_id: int = 0, doc_starts=None
+):
   """Iterates over a split once: every one of the len(tokens) - 1 next-token targets appears exactly once.
 
   Yields {'inputs', 'targets': int32 [batch, seq_len], 'weights': float32 [batch, seq_len]}; weights are 1
@@ -174,7 +194,8 @@ def eval_batches(tokens, batch_size: int, seq_len: int, *, contiguous: bool = Fa
 
   contiguous=False: non-overlapping windows (context restarts every seq_len tokens), batch_size at a time.
   contiguous=True: batch_size contiguous lanes read seq_len at a time, so row b of each batch continues
-    row b of the one before (for LSTMs carrying state across batches, as AWD-LSTM evaluates).
+    row b of the one before (for LSTMs carrying state across batches, as AWD-LSTM evaluates); then the
+    batches also hold resets [B, T] float32, 1 at the first token of each document (`doc_starts`).
   """
   tokens = _as_tokens(tokens)
   batch_size = _check_positive('batch_size', batch_size)
@@ -196,14 +217,21 @@ def eval_batches(tokens, batch_size: int, seq_len: int, *, contiguous: bool = Fa
   weights = np.zeros(total, np.float32)
   inputs[:m], targets[:m], weights[:m] = tokens[:-1], tokens[1:], 1.0
   if contiguous:
+    resets = np.zeros(total, np.float32)
+    resets[:m] = _doc_start_mask(doc_starts, len(tokens))[:-1]
     pad = ((0, 0), (0, width - lane))
     inputs, targets = (
       np.pad(a.reshape(batch_size, lane), pad, constant_values=pad_id) for a in (inputs, targets)
     )
-    weights = np.pad(weights.reshape(batch_size, lane), pad)
+    weights, resets = (np.pad(a.reshape(batch_size, lane), pad) for a in (weights, resets))
     for k in range(steps):
       cols = slice(k * seq_len, (k + 1) * seq_len)
-      yield {'inputs': inputs[:, cols], 'targets': targets[:, cols], 'weights': weights[:, cols]}
+      yield {
+        'inputs': inputs[:, cols],
+        'targets': targets[:, cols],
+        'weights': weights[:, cols],
+        'resets': resets[:, cols],
+      }
   else:
     inputs, targets, weights = (a.reshape(rows, seq_len) for a in (inputs, targets, weights))
     for r in range(0, rows, batch_size):

@@ -93,9 +93,9 @@ class HybridBlock(nnx.Module):
     self.boom = Boom(d_model, boom_hidden, dtype=dtype, rngs=rngs) if boom_hidden else None
     self.drop = LockedDropout(dropout, rngs=rngs)  # the one dropout of every branch (MHA's own is off)
 
-  def __call__(self, x, *, seq_lengths=None, carry=None, kv_cache=None):
+  def __call__(self, x, *, seq_lengths=None, carry=None, kv_cache=None, resets=None):
     """x [B, T, d] -> (x, final LSTMCarry, new KVCache or None)."""
-    y, final = self.lstm(self.lstm_norm(x), seq_lengths=seq_lengths, initial_carry=carry)
+    y, final = self.lstm(self.lstm_norm(x), seq_lengths=seq_lengths, initial_carry=carry, resets=resets)
     x = x + self.drop(y)
     new_kv = None
     if self.attn is not None:
@@ -158,12 +158,19 @@ class HybridTrunk(nnx.Module):
     return HybridCache(carry, kv)
 
   def __call__(
-    self, tokens, *, seq_lengths=None, cache: HybridCache | None = None, carry: LSTMCarry | None = None
+    self,
+    tokens,
+    *,
+    seq_lengths=None,
+    cache: HybridCache | None = None,
+    carry: LSTMCarry | None = None,
+    resets=None,
   ):
     """tokens [B, T] -> TrunkOutput(hidden [B, T, d] after the final LayerNorm, final LSTMCarry stacked over
     blocks, new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths
     unsupported). With a carry (and no cache), the LSTMs continue from it and attention sees this window
-    only (truncated BPTT, as SHA-RNN trains without its attention memory)."""
+    only (truncated BPTT, as SHA-RNN trains without its attention memory). resets [B, T]: the LSTMs
+    restart from zero before those tokens (attention still sees the whole window)."""
     check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     if cache is not None and seq_lengths is not None:
       raise ValueError('seq_lengths is not supported together with a decoding cache; pass one or the other.')
@@ -181,7 +188,7 @@ class HybridTrunk(nnx.Module):
     for i, block in enumerate(self.blocks):
       init = None if carry is None else LSTMCarry(carry.h[i : i + 1], carry.c[i : i + 1])
       kv = next(kv_iter) if (cache is not None and block.attn is not None) else None
-      x, block_carry, new_kv = block(x, seq_lengths=seq_lengths, carry=init, kv_cache=kv)
+      x, block_carry, new_kv = block(x, seq_lengths=seq_lengths, carry=init, kv_cache=kv, resets=resets)
       hs.append(block_carry.h)
       cs.append(block_carry.c)
       if new_kv is not None:
@@ -215,10 +222,11 @@ class LSTMAttentionLM(nnx.Module):
   def __call__(self, tokens, *, seq_lengths=None):
     return self.logits_from_hidden(self.backbone(tokens, seq_lengths=seq_lengths).hidden)
 
-  def train_forward(self, tokens, *, carry: LSTMCarry | None = None):
+  def train_forward(self, tokens, *, carry: LSTMCarry | None = None, resets=None):
     """(logits, final carry, penalty) for the training loss; the hybrid adds no penalty (AR/TAR are the
     LSTM LM's)."""
-    logits, final = self.forward(tokens, carry=carry)
+    out = self.backbone(tokens, carry=carry, resets=resets)
+    logits, final = self.logits_from_hidden(out.hidden), out.state
     return logits, final, jnp.zeros((), jnp.float32)
 
   def forward(self, tokens, *, seq_lengths=None, carry: LSTMCarry | None = None):

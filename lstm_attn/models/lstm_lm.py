@@ -54,7 +54,9 @@ class LSTMTrunk(nnx.Module):
     self.features = self.width  # the size of each hidden state the trunk returns
     self.dtype = dtype
     embed_dim = config.embed_dim
-    self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, embedding_init=uniform_init(0.1), rngs=rngs)
+    self.embed = nnx.Embed(
+      vocab_size, embed_dim, dtype=dtype, embedding_init=uniform_init(config.embed_init), rngs=rngs
+    )
     self.embed_dropout = EmbeddingDropout(config.embed_dropout, rngs=rngs)
     self.input_dropout = LockedDropout(config.input_dropout, rngs=rngs)
     self.hidden_dropout = LockedDropout(config.hidden_dropout, rngs=rngs)
@@ -89,8 +91,9 @@ class LSTMTrunk(nnx.Module):
     """
     return self.run(tokens, seq_lengths=seq_lengths, carry=carry)[0]
 
-  def run(self, tokens, *, seq_lengths=None, carry=None) -> tuple[TrunkOutput, Array]:
-    """(the TrunkOutput, the last layer's outputs [B, T, width] before its output dropout: for TAR)."""
+  def run(self, tokens, *, seq_lengths=None, carry=None, resets=None) -> tuple[TrunkOutput, Array]:
+    """(the TrunkOutput, the last layer's outputs [B, T, width] before its output dropout: for TAR).
+    resets [B, T]: where set, every layer's state restarts from zero before that token."""
     check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     table = self.embed_dropout(self.embed.embedding[...])  # [V, E]; whole word types dropped
     x = jnp.take(table, tokens, axis=0)  # [B, T, E]
@@ -100,7 +103,7 @@ class LSTMTrunk(nnx.Module):
     hs, cs = [], []
     for i, layer in enumerate(self.layers):
       init = None if carry is None else LSTMCarry(carry.h[i : i + 1], carry.c[i : i + 1])
-      x, final = layer(x, seq_lengths=seq_lengths, initial_carry=init)  # [B, T, width]
+      x, final = layer(x, seq_lengths=seq_lengths, initial_carry=init, resets=resets)  # [B, T, width]
       hs.append(final.h)
       cs.append(final.c)
       raw = x
@@ -150,11 +153,11 @@ class LSTMLM(nnx.Module):
   ) -> Array:
     return self.forward(tokens, seq_lengths=seq_lengths, carry=carry)[0]
 
-  def train_forward(self, tokens: Array, *, carry: LSTMCarry | None = None):
+  def train_forward(self, tokens: Array, *, carry: LSTMCarry | None = None, resets: Array | None = None):
     """(logits [B, T, vocab], final carry, AR + TAR penalty) for the training loss (Merity et al. 2017):
     AR = activation_reg * mean(dropped last-layer outputs ** 2), TAR = temporal_activation_reg *
     mean((raw_t - raw_{t-1}) ** 2) over the undropped ones; means over every element, as AWD-LSTM."""
-    out, raw = self.backbone.run(tokens, carry=carry)
+    out, raw = self.backbone.run(tokens, carry=carry, resets=resets)
     penalty = jnp.zeros((), jnp.float32)
     if self.activation_reg:
       penalty += self.activation_reg * jnp.mean(jnp.square(out.hidden.astype(jnp.float32)))

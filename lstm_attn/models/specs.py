@@ -125,6 +125,7 @@ class LSTMLMConfig(ModelConfig):
   weight_drop: float = 0.0
   activation_reg: float = 0.0
   temporal_activation_reg: float = 0.0
+  embed_init: float = 0.1  # embedding ~ U(-embed_init, embed_init): AWD-LSTM's 0.1 (word level)
 
   def __post_init__(self):
     super().__post_init__()
@@ -135,6 +136,7 @@ class LSTMLMConfig(ModelConfig):
       f'0 (no projection) or in (0, config.model.hidden_size={self.hidden_size})',
     )
     self._rates('embed_dropout', 'input_dropout', 'hidden_dropout', 'output_dropout', 'weight_drop')
+    self._require(self.embed_init > 0 and math.isfinite(self.embed_init), 'embed_init', 'a finite number > 0')
     for field in ('activation_reg', 'temporal_activation_reg'):
       value = getattr(self, field)
       self._require(math.isfinite(value) and value >= 0, field, 'a finite number >= 0 (0: off)')

@@ -105,31 +105,23 @@ def objective_of(config) -> str:
   return model_spec(config.model.name).objective
 
 
-def carry_in(carry, reset):
-  """The carry a batch starts from: the last batch's final carry, cut from its graph (truncated BPTT), and
-  zero in the rows (streams) where `reset` [B] is set (the stream wrapped: its text does not continue).
-  carry: a pytree of [layers, B, features] arrays (the layers first, as torch.nn.LSTM's h and c)."""
-  carry = jax.lax.stop_gradient(carry)
-  if reset is None:  # evaluation: the lanes of a split never wrap
-    return carry
-  keep = jnp.logical_not(reset.astype(bool))[None, :, None]  # [1, B, 1]
-  return jax.tree.map(lambda c: jnp.where(keep, c, jnp.zeros((), c.dtype)), carry)
-
-
 def model_loss(model, batch: dict, objective: str, carry=None):
   """Runs `model` on `batch` and returns (mean loss, sums, final carry or None). Batch keys (as
   `lstm_attn.data` yields them):
 
   lm:  inputs [B, T], targets [B, T] (inputs shifted by one), optional weights [B, T] (0 on padding);
-       with a carry (truncated BPTT: the model's spec carries state), reset [B] (1: the stream restarts).
+       with a carry (truncated BPTT), resets [B, T] (1: the state restarts before that token: a stream
+       wrapped or a document starts; the LSTMs zero it in-step, lstm_attn.lstm's `resets`).
   mlm: inputs (masked) [B, T], targets [B, T], weights [B, T] (1 where predicted), token_type_ids [B, T],
        seq_lengths [B], nsp_labels [B].
   cls: inputs [B, T], seq_lengths [B], labels [B], optional weights [B] and token_type_ids [B, T].
   """
   if objective == 'lm' and hasattr(model, 'train_forward'):
-    # The LSTM families: continue the carry (if the run carries one) and add AR/TAR (the LSTM LM's).
-    start = None if carry is None else carry_in(carry, batch.get('reset'))
-    logits, final, penalty = model.train_forward(batch['inputs'], carry=start)  # [B, T, V]
+    # The LSTM families: continue the carry (if the run carries one; cut from the last step's graph:
+    # truncated BPTT) and add AR/TAR (the LSTM LM's).
+    start = None if carry is None else jax.lax.stop_gradient(carry)
+    resets = None if carry is None else batch.get('resets')
+    logits, final, penalty = model.train_forward(batch['inputs'], carry=start, resets=resets)  # [B, T, V]
     mean, sums = next_token_loss(logits, batch['targets'], batch.get('weights'))
     return mean + penalty, {**sums, 'penalty': penalty}, None if carry is None else final
   if objective == 'lm':
