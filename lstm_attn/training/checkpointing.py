@@ -49,6 +49,7 @@ from absl import logging
 _METRIC = 'eval_loss'
 _CHECKSUMS = 'checksums'  # the meta entry written by `save`, removed from the meta `restore` returns
 _READ_ATTEMPTS = 3  # picks of a reader whose chosen step a live trainer deleted meanwhile
+_DELETION_S = 2.0  # how long a reader waits for a step directory whose files vanish to be gone as well
 
 
 def _is_key(x) -> bool:
@@ -253,11 +254,15 @@ class Checkpointer:
     self._manager.close()
 
   # -- restore -----------------------------------------------------------------------------------------
-  def _gone(self, step: int) -> CheckpointError | None:
+  def _gone(self, step: int, *, settle: bool = False) -> CheckpointError | None:
     """A CheckpointError if `step` is not (or no longer) in the directory: a live trainer's retention
-    deletes old steps while readers pick theirs."""
-    if os.path.isdir(os.path.join(self.directory, str(step))):
-      return None
+    deletes old steps while readers pick theirs. `settle`: after a failed read, wait a moment for a
+    deletion in progress (the files go first, the folder last) to finish."""
+    deadline = time.monotonic() + (_DELETION_S if settle else 0.0)
+    while os.path.isdir(os.path.join(self.directory, str(step))):
+      if time.monotonic() >= deadline:
+        return None
+      time.sleep(0.05)
     self._manager.reload()
     return CheckpointError(
       f'step {step} is not a checkpoint in {self.directory} (never saved, or deleted by the retention of the '
@@ -287,7 +292,7 @@ class Checkpointer:
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
       )
     except Exception:
-      if (gone := self._gone(step)) is not None:
+      if (gone := self._gone(step, settle=self.read_only)) is not None:
         raise gone from None
       raise
     meta = dict(out.meta)
@@ -305,7 +310,7 @@ class Checkpointer:
     `<directory>/../checkpoints_corrupted/` (so a later save of the same step cannot collide with them)
     and the reason is printed. If none loads, nothing is moved and CheckpointError lists every reason.
     Read-only: nothing is moved, and steps deleted while reading (a live trainer's retention) are
-    skipped, the directory listed again if they were all that was there.
+    skipped, the directory listed again if they were all there was or if it changed meanwhile.
     """
     for _ in range(_READ_ATTEMPTS):
       steps = self.all_steps()
@@ -326,6 +331,9 @@ class Checkpointer:
           continue
         self._report(failed, step)
         return step, state, meta
+      if self.read_only and not deleted:  # a live trainer may have replaced them meanwhile: list again
+        self._manager.reload()
+        deleted = self.all_steps() != steps
       if not deleted:
         raise CheckpointError(
           f'No checkpoint in {self.directory} could be restored (nothing was changed): '
