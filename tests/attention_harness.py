@@ -3,7 +3,7 @@ base and jax-ml/jax tests/pallas/gpu_ops_test.py's `INTERPRET = True` subclasses
 
 `AttentionHarness` holds the cases (`CASES`: no mask, causal, GQA/MQA, ragged query/key lengths, segment
 ids, local windows, q_len != kv_len, lengths that are no block multiple, fully masked rows, float16 and
-bfloat16) and the tests run on each of them:
+bfloat16) and the tests every subclass inherits:
 
   test_matches_float64[case]     forward and VJP in one jitted computation against the float64 NumPy
                                  reference (`attention_np.attention`), with a random cotangent (never a
@@ -14,10 +14,10 @@ bfloat16) and the tests run on each of them:
   test_no_infinity_under_debug_infs
                                  masking creates no infinity a user's jax.debug_infs would trip on.
   test_interpreter_poisons_unwritten_outputs
-                                 for interpreted Pallas backends (POISON_INTERPRET set): the premise of "an
-                                 unwritten output fails", i.e. the interpreter starts outputs as NaN.
+                                 interpreted Pallas backends only (POISON_INTERPRET set): the premise of
+                                 "an unwritten output fails", an element no grid step writes is NaN.
 
-NaN anywhere fails `rel_l2_error`, so with a poisoning interpreter an element a kernel forgets to write
+NaN anywhere fails `rel_l2_error`, so under a poisoning interpreter an element a kernel forgets to write
 cannot pass. The class name has no `Test` prefix, so pytest collects only its subclasses.
 
 How to subclass (one class per backend and mode, in the backend's own test file):
@@ -25,23 +25,25 @@ How to subclass (one class per backend and mode, in the backend's own test file)
     from attention_harness import AttentionHarness
 
     class TestMyKernelInterpret(AttentionHarness):
-      DTYPES = ('bfloat16', 'float16')            # what the backend takes; other cases are skipped
-      BLOCK_SIZES = MyBlockSizes(block_q=64, block_kv=64)  # small: the sweep's shapes span several blocks
-      SKIP = {'q1_two_sided_window': 'why this backend cannot run it'}  # skipped, reason shown
-      XFAIL = {'huge_window': 'a known bug, described'}  # strict: fails once the bug is fixed
-      POISON_INTERPRET = True                     # the `interpret=` value, if the backend is interpreted
+      INTERPRET = True
+      DTYPES = ('bfloat16', 'float16')  # what it takes: float32 cases run in DTYPES[0], others skip
+      BLOCK_SIZES = MyBlockSizes(block_q=64, block_k=64)  # small: the sweep's shapes span several blocks
+      SKIP = {'q1_two_sided_window': 'why this backend cannot run it'}  # skipped, the reason shown
+      XFAIL = {'huge_window_causal': 'the bug, described'}  # strict: an unexpected pass fails
+      POISON_INTERPRET = True  # the interpret= value of an interpreted Pallas backend (else None)
       COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}  # interpreted kernels compile faster
 
       def attention(self, q, k, v, **mask_kwargs):
-        # self.block_sizes is BLOCK_SIZES, or None in cases that check the backend's default tiles.
-        return my_kernel(q, k, v, block_sizes=self.block_sizes, interpret=True, **mask_kwargs)
+        # self.block_sizes is BLOCK_SIZES, or None in the case that checks the default tiles.
+        return my_kernel(q, k, v, block_sizes=self.block_sizes, interpret=self.INTERPRET, **mask_kwargs)
 
-      def skip_reason(self, case):                # optional: shapes the backend cannot take
+      def skip_reason(self, case):  # optional: shapes the backend cannot take
         if case.head_dim % 64:
           return f'head_dim {case.head_dim} is not a multiple of 64'
         return super().skip_reason(case)
 
-    class TestMyKernelCompiled(TestMyKernelInterpret):  # the same tests compiled, where the chip exists
+    class TestMyKernelCompiled(TestMyKernelInterpret):  # the same tests compiled, where the chip is
+      INTERPRET = False
       POISON_INTERPRET = None
       COMPILER_OPTIONS = None
 
@@ -53,8 +55,11 @@ How to subclass (one class per backend and mode, in the backend's own test file)
 `attention(q, k, v, **mask_kwargs)` gets query [B, T, N, D], key/value [B, S, K, D] and the keywords of
 `jax.nn.dot_product_attention` that the case sets (is_causal, scale, query_seq_lengths,
 key_value_seq_lengths, local_window_size, plus segment_ids as one [B, T] array or a (query, key/value)
-pair); it is traced under jax.jit (op by op in test_no_infinity_under_debug_infs). Backend-specific tests
-(block-size choices, error messages, layouts) stay in the backend's file, beside its subclasses.
+pair); it is traced under jax.jit (op by op in test_no_infinity_under_debug_infs). TOLERANCES (dtype ->
+(output, gradients)) may be overridden. A subclass's own case runs through the same check with
+`self.check_against_float64(self.prepare(request, Case(...)))`; `make_inputs(case)` gives any test the
+inputs, mask keywords and float64 mask. Backend-specific tests (block-size choices, error messages,
+layouts) stay in the backend's file, beside its subclasses.
 """
 
 from __future__ import annotations
@@ -73,15 +78,10 @@ _HUGE = 2**31 - 2  # q_pos + window wraps around in int32 unless the window is c
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One input configuration: shapes, dtype and the mask arguments (None/False = not passed)."""
+  """One input configuration: shapes, dtype and the mask arguments (None/False: not passed)."""
 
   name: str
-  batch: int
-  q_len: int
-  kv_len: int
-  heads: int
-  kv_heads: int
-  head_dim: int
+  shape: tuple[int, int, int, int, int, int]  # (batch, q_len, kv_len, heads, kv_heads, head_dim)
   dtype: str = 'float32'
   is_causal: bool = False
   scale: float | None = None
@@ -96,57 +96,56 @@ class Case:
   expect_empty_rows: bool = False  # the case is meant to have query rows that see no key
   seed: int = 0
 
-  @property
-  def id(self) -> str:
-    return self.name
+  batch = property(lambda self: self.shape[0])
+  q_len = property(lambda self: self.shape[1])
+  kv_len = property(lambda self: self.shape[2])
+  heads = property(lambda self: self.shape[3])
+  kv_heads = property(lambda self: self.shape[4])
+  head_dim = property(lambda self: self.shape[5])
 
 
 # Each feature a few times, combined, not the cartesian product (interpreted kernels are slow). Lengths
-# are odd on purpose (1, 7, 77, 133, 200, 333): no block multiple, except in the first case.
+# are odd on purpose (1, 7, 77, 133, 200, 333), no block multiple but in the first case; several cases
+# have query rows that see no key (expect_empty_rows) and keys that no query sees.
 CASES = (
-  Case('no_mask_block_multiple', 2, 128, 128, 2, 2, 64),  # the unmasked path with nothing padded
-  Case('no_mask_mqa_q1_scale', 2, 1, 200, 2, 1, 64, scale=0.3),
-  Case('causal_gqa_d40', 1, 333, 333, 4, 2, 40, is_causal=True),
-  Case('causal_mqa_q_shorter_kv_lens', 2, 7, 200, 4, 1, 64, is_causal=True, kv_lens=(5, 200)),
-  Case(  # q longer than kv: rows 37.. see no key (whole query blocks skipped), batch 1 rows 3..
+  Case('no_mask_block_multiple', (1, 256, 256, 2, 2, 64)),  # the unmasked path, nothing padded
+  Case('no_mask_mqa_q1_scale', (2, 1, 200, 2, 1, 64), scale=0.3),
+  Case('causal_gqa_d40', (1, 200, 200, 4, 2, 40), is_causal=True),
+  Case('causal_mqa_q_shorter_kv_lens', (2, 7, 200, 4, 1, 64), is_causal=True, kv_lens=(5, 200)),
+  # q longer than kv: rows 37.. see no key (whole query blocks skipped), nor batch 1's rows 3..
+  Case(
     'causal_window_q_longer_empty_rows',
-    2,
-    200,
-    7,
-    2,
-    1,
-    40,
+    (2, 200, 7, 2, 1, 40),
     is_causal=True,
     window=(30, 0),
     q_lens=(200, 3),
     expect_empty_rows=True,
   ),
-  Case(  # batch 1 sees no key at all (kv length 0); rows past the query lengths see none either
+  # Batch 1 sees no key at all (kv length 0); rows past the query lengths see none either.
+  Case(
     'ragged_lengths_empty_rows',
-    3,
-    200,
-    333,
-    2,
-    2,
-    64,
+    (3, 200, 333, 2, 2, 64),
     q_lens=(200, 57, 150),
     kv_lens=(131, 0, 1),
     expect_empty_rows=True,
   ),
-  Case('segments_packed_causal', 2, 200, 200, 2, 1, 64, is_causal=True, segments='packed'),
-  Case('segments_pair_empty_rows', 2, 200, 133, 4, 2, 64, segments='pair', expect_empty_rows=True),
-  Case('window_two_sided_d128', 1, 200, 333, 2, 2, 128, window=(17, 5)),
-  Case('window_int_causal', 1, 333, 333, 2, 2, 64, is_causal=True, window=31),
-  Case('q1_two_sided_window', 1, 1, 200, 2, 2, 64, window=(3, 150)),
-  Case('huge_window_causal', 1, 77, 77, 2, 1, 32, is_causal=True, window=(_HUGE, _HUGE)),
-  Case(  # every kind of fully masked row at once: past the query length, orphan segment, kv length 0
+  Case('segments_packed_causal', (2, 200, 200, 2, 1, 64), is_causal=True, segments='packed'),
+  Case('segments_pair_empty_rows', (2, 200, 133, 4, 2, 64), segments='pair', expect_empty_rows=True),
+  # Batch 1: rows 150.. see no key (their window starts past the key length).
+  Case(
+    'window_right_kv_lens_empty_rows_d128',
+    (2, 200, 333, 2, 2, 128),
+    window=(0, 9),
+    kv_lens=(333, 150),
+    expect_empty_rows=True,
+  ),
+  Case('window_int_causal', (1, 333, 333, 2, 2, 64), is_causal=True, window=31),
+  Case('q1_two_sided_window', (1, 1, 200, 2, 2, 64), window=(3, 150)),
+  Case('huge_window_causal', (1, 77, 77, 2, 1, 32), is_causal=True, window=(_HUGE, _HUGE)),
+  # Every kind of fully masked row at once: past the query length, in an orphan segment, kv length 0.
+  Case(
     'fully_masked_rows',
-    2,
-    100,
-    67,
-    2,
-    1,
-    64,
+    (2, 100, 67, 2, 1, 64),
     is_causal=True,
     q_lens=(37, 100),
     kv_lens=(67, 0),
@@ -155,38 +154,33 @@ CASES = (
   ),
   Case(
     'everything_gqa',
-    2,
-    77,
-    77,
-    4,
-    2,
-    32,
+    (2, 77, 77, 4, 2, 32),
     is_causal=True,
     window=(20, 0),
     q_lens=(77, 50),
     kv_lens=(70, 77),
     segments='packed',
+    expect_empty_rows=True,
   ),
   Case(
-    'bf16_causal_gqa_kv_lens_default_blocks',
-    2,
-    333,
-    200,
-    4,
-    2,
-    128,
+    'bf16_causal_gqa_lengths_default_blocks',
+    (2, 200, 133, 4, 2, 128),
     dtype='bfloat16',
     is_causal=True,
-    kv_lens=(200, 120),
+    q_lens=(200, 150),
+    kv_lens=(133, 80),
     default_blocks=True,
+    expect_empty_rows=True,
   ),
-  Case('fp16_window_gqa_segments_pair', 2, 50, 70, 4, 2, 40, dtype='float16', window=(5, 2), segments='pair'),
+  Case(
+    'fp16_window_gqa_segments_pair', (2, 50, 70, 4, 2, 40), dtype='float16', window=(5, 2), segments='pair'
+  ),
 )
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 # The cases of the special tests (they go through skip_reason like the sweep's cases).
-NAN_CASE = Case('nan_inputs', 2, 20, 20, 2, 1, 32, is_causal=True, q_lens=(20, 12))
-DEBUG_INFS_CASE = Case('debug_infs', 1, 4, 4, 2, 2, 32, is_causal=True)  # 4: no block multiple
+NAN_CASE = Case('nan_inputs', (2, 20, 20, 2, 1, 32), is_causal=True, q_lens=(20, 12))
+DEBUG_INFS_CASE = Case('debug_infs', (1, 4, 4, 2, 2, 32), is_causal=True)  # 4: no block multiple
 
 
 def _segment_ids(case: Case, rng):
@@ -250,9 +244,8 @@ class AttentionHarness:
   DTYPES = ('float32', 'bfloat16', 'float16')
   # Relative L2 error allowed against float64: dtype -> (output, gradients).
   TOLERANCES = {
-    'float32': (TOLERANCE[np.dtype('float32')], 2 * TOLERANCE[np.dtype('float32')]),
-    'bfloat16': (TOLERANCE[np.dtype(jnp.bfloat16)], TOLERANCE[np.dtype(jnp.bfloat16)]),
-    'float16': (TOLERANCE[np.dtype('float16')], TOLERANCE[np.dtype('float16')]),
+    name: (TOLERANCE[np.dtype(jnp.dtype(name))], TOLERANCE[np.dtype(jnp.dtype(name))])
+    for name in ('float32', 'bfloat16', 'float16')
   }
   # The backend's block sizes for the sweep (small, so small shapes run several blocks), as the subclass's
   # `attention` reads them from self.block_sizes; None there means the backend's defaults.
@@ -278,26 +271,31 @@ class AttentionHarness:
       return f"{case.dtype} is not among this backend's dtypes {self.DTYPES}"
     return None
 
-  def prepare(self, request, case: Case):
-    """Skips or strictly xfails `case` as the subclass says; sets self.block_sizes for it."""
+  def prepare(self, request, case: Case) -> Case:
+    """The case as this backend runs it, skipped or strictly xfailed as the subclass says; sets
+    self.block_sizes. A backend without float32 runs the float32 cases in DTYPES[0], so that a
+    bf16/fp16-only kernel still runs every mask."""
+    if case.dtype == 'float32' and 'float32' not in self.DTYPES:
+      case = dataclasses.replace(case, dtype=self.DTYPES[0])
     reason = self.skip_reason(case)
     if reason:
       pytest.skip(reason)
     if case.name in self.XFAIL:
       request.applymarker(pytest.mark.xfail(reason=self.XFAIL[case.name], strict=True))
     self.block_sizes = None if case.default_blocks else self.BLOCK_SIZES
+    return case
 
   def _compiled(self, fn, *args):
     """fn(*args) jitted, compiled with COMPILER_OPTIONS."""
     return jax.jit(fn).lower(*args).compile(compiler_options=self.COMPILER_OPTIONS)(*args)
 
-  @pytest.mark.parametrize('case', CASES, ids=lambda c: c.id)
+  @pytest.mark.parametrize('case', CASES, ids=lambda c: c.name)
   def test_matches_float64(self, request, case: Case):
-    self.prepare(request, case)
-    self.check_against_float64(case)
+    self.check_against_float64(self.prepare(request, case))
 
   def check_against_float64(self, case: Case):
-    """The body of test_matches_float64, for subclasses' own cases (after self.prepare)."""
+    """The body of test_matches_float64, for subclasses' own cases: `self.check_against_float64(
+    self.prepare(request, Case(...)))`, setting self.block_sizes in between to try other tiles."""
     (q, k, v, d_out), kwargs, keep = make_inputs(case)
 
     def value_and_vjp(q, k, v, d_out):
@@ -328,8 +326,7 @@ class AttentionHarness:
   def test_nan_inputs_propagate(self, request):
     # A NaN must never be hidden: the fused kernels once tested `l > 0` for "this row saw a key", which a
     # NaN sum fails, so a NaN row came out as a masked row of zeros. Rows that see no key must still be 0.
-    case = dataclasses.replace(NAN_CASE, dtype=self.DTYPES[0])
-    self.prepare(request, case)
+    case = self.prepare(request, NAN_CASE)
     (q, k, v, _), kwargs, keep = make_inputs(case)
     q = q.at[0, 5, 0, 3].set(jnp.nan)  # a query: row 5 of batch 0, head 0
     k = k.at[1, 8, 0, 0].set(jnp.nan)  # a key that rows 8.. of batch 1 see (causal); 12.. are masked
@@ -350,8 +347,7 @@ class AttentionHarness:
     # A user's jax.debug_infs must not trip on our masking: 'reference' filled hidden logits with -inf and
     # raised in convert_element_type; the Pallas backward kept +inf as the LSE of padded rows (length 4 is
     # not a block multiple), a residual that tripped the check and sent its op-by-op re-run into recursion.
-    case = dataclasses.replace(DEBUG_INFS_CASE, dtype=self.DTYPES[0])
-    self.prepare(request, case)
+    case = self.prepare(request, DEBUG_INFS_CASE)
     (q, k, v, d_out), kwargs, keep = make_inputs(case)
     with jax.debug_infs(True):
       out, pullback = jax.vjp(lambda q, k, v: self.attention(q, k, v, **kwargs), q, k, v)
