@@ -96,8 +96,10 @@ def split_by_file(relpaths, fractions=FILE_FRACTIONS) -> dict[str, list[str]]:
 def read_text_file(path) -> str:
   """Reads a file as UTF-8 (a leading BOM dropped); ValueError naming the file and byte offset if not."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f'corpus file {path!r} does not exist')
+  if not os.path.isfile(path):
+    raise ValueError(f'corpus file {path!r} is not a regular file (a device or a pipe?); give a text file')
   with open(path, 'rb') as f:
     raw = f.read()
   try:

@@ -99,17 +99,32 @@ def _write_json(path, payload: dict) -> None:
   _atomic_write(path, json.dumps(payload, ensure_ascii=True).encode('utf-8'))
 
 
+def _check_file(path, what: str = 'tokenizer file') -> str:
+  """`path` as a str; FileNotFoundError if nothing is there, ValueError if it is not a regular file."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{what} {path!r} does not exist')
+  if not os.path.isfile(path):
+    raise ValueError(f'{what} {path!r} is not a regular file (a folder, a device or a pipe)')
+  return path
+
+
 def _read_json(path, expected_type: str | None = None) -> dict:
   """The JSON payload of a tokenizer file (of `expected_type`, if given); errors name the file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'tokenizer file {path!r} does not exist')
+  path = _check_file(path)
   try:
     with open(path, encoding='utf-8') as f:
       payload = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f'tokenizer file {path!r} is not a JSON tokenizer file: {e}') from e
-  if not isinstance(payload, dict) or (expected_type is not None and payload.get('type') != expected_type):
+    raise ValueError(
+      f'tokenizer file {path!r} is not a JSON tokenizer file (damaged or cut short?): {e}'
+    ) from e
+  if not isinstance(payload, dict):
+    raise ValueError(
+      f'tokenizer file {path!r} is not a JSON tokenizer file: it holds a JSON {type(payload).__name__}, '
+      'not an object with a "type"'
+    )
+  if expected_type is not None and payload.get('type') != expected_type:
     got = payload.get('type') if isinstance(payload, dict) else type(payload).__name__
     raise ValueError(f'tokenizer file {path!r} holds type {got!r}, expected {expected_type!r}')
   return payload
@@ -394,9 +409,7 @@ class SentencePieceTokenizer(_Specials):
 
   @classmethod
   def load(cls, path) -> SentencePieceTokenizer:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'sentencepiece model {path!r} does not exist')
+    path = _check_file(path, 'sentencepiece model')
     with open(path, 'rb') as f:
       proto = f.read()
     try:
@@ -425,13 +438,12 @@ def _is_bpe(model_proto: bytes) -> bool:
 
 
 def load_tokenizer(path):
-  """Opens a saved tokenizer: a JSON file by its 'type' ('byte' or 'char'), anything else as a .model."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'tokenizer file {path!r} does not exist')
+  """Opens a saved tokenizer: a `.json` file (or one that starts with '{') by its 'type' ('byte' or
+  'char'), anything else as a sentencepiece .model."""
+  path = _check_file(path)
   with open(path, 'rb') as f:
-    head = f.read(1)
-  if head == b'{':
+    head = f.read(64).lstrip()
+  if path.endswith('.json') or head.startswith(b'{'):
     kind = _read_json(path).get('type')
     if kind == 'byte':
       return ByteTokenizer.load(path)

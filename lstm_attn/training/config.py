@@ -166,7 +166,7 @@ _UNIT = (lambda v: _num(v) and 0 <= v < 1, 'a number in [0, 1)')
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Every check of the trainer's fields (model fields: `lstm_attn.models.model_config`).
 
-  Unknown top-level fields are an error too (a typo would otherwise be ignored); experiment configs are
+  Unknown fields are an UnknownFieldError (a typo would otherwise be ignored); experiment configs are
   built from `base_config`, whose field set is the reference.
   """
   if not isinstance(config, ml_collections.ConfigDict):
@@ -227,6 +227,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     'None (language modelling) or an integer >= 2',
   )
   _need(isinstance(config.init_from, str), 'init_from', config.init_from, 'a path or empty')
+  _need(isinstance(config.init_subtree, str), 'init_subtree', config.init_subtree, "a subtree name ('': all)")
   if config.carry_state and not spec.carries_state:
     raise ValueError(
       f'config.carry_state=True but config.model.name={spec.name!r} has no recurrent state to carry; '
@@ -247,6 +248,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config,
     'data',
     {
+      'path': (lambda v: isinstance(v, str), "a path, or '' for the embedded corpus"),
       'tokenizer': (lambda v: v in TOKENIZERS, f'one of {TOKENIZERS}'),
       'mode': (lambda v: v in BATCH_MODES, f'one of {BATCH_MODES}'),
       'seq_len': _POSITIVE_INT,
@@ -298,12 +300,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       'top_p': (lambda v: v is None or (_num(v) and 0 < v <= 1), 'None or a number in (0, 1]'),
     },
   )
+  if config.data.vocab_size is not None and config.data.tokenizer in ('byte', 'char'):
+    raise ValueError(
+      f'config.data.vocab_size={config.data.vocab_size} is for subword tokenizers, but '
+      f'config.data.tokenizer={config.data.tokenizer!r} has a fixed vocabulary: drop vocab_size, or set '
+      "tokenizer to 'bpe' or 'unigram'."
+    )
 
 
-def _unknown(field: str, value_names, where: str) -> UnknownFieldError:
-  close = difflib.get_close_matches(field.rsplit('.', 1)[-1], value_names, n=1, cutoff=0.6)
-  hint = f'did you mean {where}.{close[0]}?' if close else f'the fields of {where}: {sorted(value_names)}'
-  return UnknownFieldError(f'{field} is not a config field: {hint}')
+def _unknown(prefix: str, key: str, names, what: str = '') -> UnknownFieldError:
+  close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+  hint = f'did you mean {prefix}.{close[0]}?' if close else f'the fields of {prefix}{what}: {sorted(names)}'
+  return UnknownFieldError(f'{prefix}.{key} is not a config field: {hint}')
 
 
 def _check_model_fields(model) -> None:
@@ -314,7 +322,7 @@ def _check_model_fields(model) -> None:
   own = {'name'} | {f.name for f in dataclasses.fields(spec.config)}
   for key in model.keys():
     if key not in known:
-      raise _unknown(f'config.model.{key}', own, f'config.model ({spec.name})')
+      raise _unknown('config.model', key, own, f' ({spec.name})')
 
 
 def _check_fields(config, reference, prefix='config') -> None:
@@ -324,7 +332,7 @@ def _check_fields(config, reference, prefix='config') -> None:
     if key == 'model':
       continue
     if key not in reference:
-      raise _unknown(f'{prefix}.{key}', list(reference.keys()), prefix)
+      raise _unknown(prefix, key, list(reference.keys()))
     if isinstance(config[key], ml_collections.ConfigDict) and isinstance(
       reference[key], ml_collections.ConfigDict
     ):

@@ -22,6 +22,7 @@ mean what the pretrained embeddings learned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -102,7 +103,69 @@ def data_path(config) -> str | None:
       raise FileNotFoundError(
         f'config.data.path={path!r} does not exist (give a text file or a folder of them).'
       )
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+      raise ValueError(
+        f'config.data.path={path!r} is not a regular file or a folder (a device or a pipe?): give a text '
+        'file or a folder of them.'
+      )
   return path
+
+
+def _data_name(config) -> str:
+  """The data as messages name it: config.data.path (or the embedded corpus) and its cap."""
+  d = config.data
+  name = f'config.data.path={d.path!r}' if d.path else 'the embedded stdlib corpus (config.data.path empty)'
+  return name + (f' capped at config.data.max_bytes={d.max_bytes}' if d.max_bytes else '')
+
+
+@contextlib.contextmanager
+def _fitting(config, split: str = 'train'):
+  """A batcher's ValueError about too little data, reworded to name the config fields and the data."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(
+      f'config.data.seq_len={config.data.seq_len} and config.batch_size={config.batch_size} need more text '
+      f'than the {split} split of {_data_name(config)} holds ({e}): lower them, or give more text.'
+    ) from e
+
+
+class _TrainBatcher:
+  """The train batcher, whose restore() names the config field (or the data) behind a saved position
+  that does not fit this run, instead of the batcher's own field names."""
+
+  _FIELDS = {
+    'batch_size': 'config.batch_size',
+    'seq_len': 'config.data.seq_len',
+    'mode': 'config.data.mode',
+    'seed': 'config.seed',
+  }
+
+  def __init__(self, batcher, config):
+    self._batcher = batcher
+    self._config = config
+
+  def __getattr__(self, name):
+    return getattr(self._batcher, name)
+
+  def restore(self, state) -> None:
+    for key, now in self._batcher.state().items():
+      if key == 'step' or key not in state or int(np.asarray(state[key])) == now:
+        continue
+      saved = int(np.asarray(state[key]))
+      if key == 'mode':
+        saved, now = batching.LM_MODES[saved], batching.LM_MODES[now]
+      if key in self._FIELDS:
+        raise ValueError(
+          f'{self._FIELDS[key]} was {saved!r} when the checkpoint was saved and is {now!r} now: resume with '
+          f'{self._FIELDS[key]}={saved!r}, or start this config in a fresh --workdir.'
+        )
+      raise ValueError(
+        f'the train split of {_data_name(self._config)} has {now} {key.removeprefix("num_")} now, {saved} '
+        'when the checkpoint was saved: the data changed (the file, its cap or the tokenizer). Resume with '
+        'the data the run started with, or start in a fresh --workdir.'
+      )
+    self._batcher.restore(state)
 
 
 def _load_corpus(config):
@@ -125,12 +188,14 @@ def make_inputs(config, workdir: str) -> Inputs:
   n_eval = config.eval_batches
   splits = ('val', 'test') if not corpus.info.get('test_is_val', False) else ('val',)
   if model_spec(config.model.name).objective == 'mlm':
-    train = batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok)
-    eval_docs = {s: corpus.documents(s) for s in splits}
-    eval_batchers = {
-      s: batching.BertBatcher(eval_docs[s], ebs, seq_len, seed=seed + 1000 + i, tokenizer=tok)
-      for i, s in enumerate(splits)
-    }
+    with _fitting(config):
+      train = _TrainBatcher(batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok), config)
+    eval_batchers = {}
+    for i, s in enumerate(splits):
+      with _fitting(config, s):
+        eval_batchers[s] = batching.BertBatcher(
+          corpus.documents(s), ebs, seq_len, seed=seed + 1000 + i, tokenizer=tok
+        )
 
     def eval_fn(split):
       b = eval_batchers[split]
@@ -139,9 +204,17 @@ def make_inputs(config, workdir: str) -> Inputs:
     return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn)
 
   ids = {s: np.asarray(tok.encode(corpus.text(s)), np.int32) for s in ('train', *splits)}
-  train = batching.LMBatcher(ids['train'], bs, seq_len, seed=seed, mode=config.data.mode)
+  with _fitting(config):
+    train = _TrainBatcher(
+      batching.LMBatcher(ids['train'], bs, seq_len, seed=seed, mode=config.data.mode), config
+    )
   chars, nbytes = {}, {}
   for s in splits:
+    if len(ids[s]) < 2:
+      raise ValueError(
+        f'the {s} split of {_data_name(config)} has {len(ids[s])} token(s); evaluating needs 2 or more: '
+        'give more text.'
+      )
     text = corpus.text(s)
     n_tok = max(len(ids[s]), 1)
     chars[s] = len(text) / n_tok
@@ -187,7 +260,7 @@ def _classification(config, workdir: str) -> Inputs:
     )
   bs = int(config.batch_size)
   ebs = config.eval_batch_size or bs
-  train = classification.ClassificationBatcher(task['train'], bs, seed=seed)
+  train = _TrainBatcher(classification.ClassificationBatcher(task['train'], bs, seed=seed), config)
 
   def eval_fn(split):
     return classification.classification_eval_batches(task[split], ebs)

@@ -23,20 +23,55 @@ SUPERSEDED_FILE = 'metrics.superseded.jsonl'  # records a resume or a fresh star
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All records of `<workdir>/metrics.jsonl` (FileNotFoundError naming the path if absent)."""
+  """The records of `<workdir>/metrics.jsonl` (FileNotFoundError naming the path if absent).
+
+  A damaged line (not UTF-8, not a JSON object, no integer `step`, cut short by a kill) is skipped, with
+  one warning on stderr naming the file and the lines.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'no {METRICS_FILE} in workdir {workdir!r}: is it the workdir of a training run?')
-  records = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue  # a line cut short by a kill
+  records, damaged = read_records(path)
+  if damaged:
+    warn(f'{path}: skipped {describe_damage(damaged)}.')
   return records
+
+
+def read_records(path: str) -> tuple[list[dict], list[tuple[int, bytes, str]]]:
+  """(records, damaged lines) of a JSONL metrics file; each damaged line as (line number, raw bytes,
+  what is wrong), so a rewrite of the file can keep it elsewhere."""
+  records, damaged = [], []
+  with open(path, 'rb') as f:
+    for number, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      try:
+        record = json.loads(raw.decode('utf-8'))
+      except UnicodeDecodeError:
+        damaged.append((number, raw, 'not UTF-8'))
+        continue
+      except ValueError:
+        damaged.append((number, raw, 'not JSON'))
+        continue
+      step = record.get('step') if isinstance(record, dict) else None
+      if not isinstance(record, dict):
+        damaged.append((number, raw, 'not a JSON object'))
+      elif not isinstance(step, int) or isinstance(step, bool):
+        damaged.append((number, raw, 'no integer "step"'))
+      else:
+        records.append(record)
+  return records, damaged
+
+
+def describe_damage(damaged) -> str:
+  """'3 damaged lines (line 2: not UTF-8; line 4: ...)', the first few named."""
+  shown = '; '.join(f'line {n}: {why}' for n, _, why in damaged[:5])
+  more = f'; and {len(damaged) - 5} more' if len(damaged) > 5 else ''
+  return f'{len(damaged)} damaged line{"s" if len(damaged) > 1 else ""} ({shown}{more})'
+
+
+def warn(message: str) -> None:
+  print(f'WARNING: {message}', file=sys.stderr, flush=True)
 
 
 class MetricWriter:
@@ -68,13 +103,18 @@ class MetricWriter:
     on a fresh start). The records it drops are appended to `metrics.superseded.jsonl`, never lost."""
     if not os.path.exists(self.path):
       return
-    records = read_metrics(os.path.dirname(self.path))
-    kept = [r for r in records if r.get('step', 0) <= step]
-    if len(kept) < len(records):
-      with open(os.path.join(os.path.dirname(self.path), SUPERSEDED_FILE), 'a', encoding='utf-8') as f:
+    records, damaged = read_records(self.path)
+    kept = [r for r in records if r['step'] <= step]
+    superseded = os.path.join(os.path.dirname(self.path), SUPERSEDED_FILE)
+    if len(kept) < len(records) or damaged:
+      with open(superseded, 'ab') as f:
         for r in records:
-          if r.get('step', 0) > step:
-            f.write(json.dumps(r) + '\n')
+          if r['step'] > step:
+            f.write((json.dumps(r) + '\n').encode('utf-8'))
+        for _, raw, _ in damaged:  # kept byte for byte: nothing is lost
+          f.write(raw if raw.endswith(b'\n') else raw + b'\n')
+    if damaged:
+      warn(f'{self.path}: {describe_damage(damaged)} moved to {superseded}.')
     tmp = self.path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       for r in kept:
