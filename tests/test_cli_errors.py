@@ -142,6 +142,7 @@ def test_train_flag_config_and_workdir_errors(tmp_path):
     ([f'--workdir={wd}', '--config.batch_size=None'], 1, 'config.batch_size=None', 'integer >= 1'),
     ([f'--workdir={wd}', '--config.data.vocab_size=64'], 1, 'config.data.vocab_size=64', "tokenizer='byte'"),
     ([f'--workdir={wd}', '--config.data.path=/dev/null'], 1, "config.data.path='/dev/null'", 'not a regular'),
+    ([f'--workdir={wd}', f'--config.init_from={tmp_path}/none'], 1, 'config.init_from=', 'no checkpoint'),
     ([f'--workdir={tmp_path}/a_file'], 1, f'--workdir={tmp_path}/a_file is a file'),
     ([f'--workdir={tmp_path}/a_file/run'], 1, 'lies under', 'which is a file'),
   ]
@@ -334,6 +335,28 @@ def test_disk_full_during_a_checkpoint_is_one_error_line(tmp_path, trained, cach
   assert len(lines) == 1 and lines[0].startswith('error: ') and 'File too large' in lines[0], out.stderr[
     -3000:
   ]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Item 9: a pretrained run of another model family.
+# -----------------------------------------------------------------------------------------------------
+def test_init_from_another_model_family_is_refused_before_the_workdir(tmp_path, trained):
+  c = tiny_config('bert', num_classes=10, init_from=str(trained))
+  with pytest.raises(ValueError, match=r"'gpt'.*'bert'") as e:
+    train.check_config(c)
+  assert 'config.init_from' in str(e.value) and 'config.model.name' in str(e.value)
+  finetune = os.path.join(REPO, 'experiments', 'configs', 'finetune_cls.py')
+  results = run_many(
+    TRAIN,
+    [  # a workdir, its checkpoints, one checkpoint
+      [f'--config={finetune}', f'--config.init_from={trained}{step_dir}', f'--workdir={tmp_path}/ft']
+      for step_dir in ('', '/checkpoints', '/checkpoints/4')
+    ],
+    tmp_path,
+  )
+  for result in results:
+    assert_one_error_line(result, 1, "'gpt'", "'bert'", 'config.model.name')
+  assert not (tmp_path / 'ft').exists()
 
 
 # -----------------------------------------------------------------------------------------------------

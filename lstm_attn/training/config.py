@@ -20,6 +20,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lstm_attn.models import MODEL_SPECS, default_model_config, model_config, model_spec
+from lstm_attn.training import transfer
 
 TOKENIZERS = ('byte', 'char', 'bpe', 'unigram')
 MIN_MAX_BYTES = 20  # lstm_attn.data.corpora: the smallest cap it takes
@@ -167,7 +168,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Every check of the trainer's fields (model fields: `lstm_attn.models.model_config`).
 
   Unknown fields are an UnknownFieldError (a typo would otherwise be ignored); experiment configs are
-  built from `base_config`, whose field set is the reference.
+  built from `base_config`, whose field set is the reference. The one check that reads a file comes last:
+  `config.init_from` must hold checkpoints of the same model family (`transfer.check_init_from`).
   """
   if not isinstance(config, ml_collections.ConfigDict):
     getattr(config, 'model', None)  # a config file that failed to load (config_flags) raises its error here
@@ -306,6 +308,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config.data.tokenizer={config.data.tokenizer!r} has a fixed vocabulary: drop vocab_size, or set '
       "tokenizer to 'bpe' or 'unigram'."
     )
+  if config.init_from:
+    transfer.check_init_from(config)
 
 
 def _unknown(prefix: str, key: str, names, what: str = '') -> UnknownFieldError:

@@ -3,7 +3,8 @@
 `transfer_params` copies every pretrained leaf whose path (under `config.init_subtree`, default the
 trunk `backbone`) and shape match; `init_from_pretrained` does that for a fresh train state, re-creates
 the optimizer state, and records what was restored, what stayed fresh and what went unused in
-`<workdir>/transfer.json`.
+`<workdir>/transfer.json`. `check_init_from` (run by check_config, before a workdir is touched) refuses a
+pretrained run of another model family.
 """
 
 from __future__ import annotations
@@ -51,6 +52,34 @@ def transfer_params(params, pretrained: dict, subtree: str = 'backbone'):
       fresh.append('/'.join(key) + ('' if src is None else f' (shape {src.shape} != {x.shape})'))
   unused = ['/'.join(k) for k in source if k not in used]
   return jax.tree_util.tree_unflatten(treedef, new), restored, fresh, unused
+
+
+def check_init_from(config) -> None:
+  """`config.init_from` holds checkpoints of a run of the same model family as `config.model.name`.
+
+  Read-only: the newest readable checkpoint meta (`checkpointing.peek_meta`) of the workdir, its
+  checkpoints/ folder or the folder of the checkpoints/<step> given. FileNotFoundError if there is none;
+  ValueError naming both families if they differ (a GPT's tensors would otherwise fill a BERT wherever
+  names and shapes happen to match).
+  """
+  given = config.init_from
+  path = os.path.abspath(os.path.expanduser(given))
+  candidates = [os.path.join(path, 'checkpoints'), path]
+  if os.path.basename(path).isdigit():
+    candidates.append(os.path.dirname(path))
+  meta = next((m for m in map(checkpointing.peek_meta, candidates) if m is not None), None)
+  if meta is None:
+    raise FileNotFoundError(
+      f'config.init_from={given!r} holds no checkpoint: give the workdir of a pretraining run '
+      '(experiments/train.py), its checkpoints/ folder or one checkpoints/<step> folder.'
+    )
+  theirs, ours = ((meta.get('config') or {}).get('model') or {}).get('name'), config.model.name
+  if theirs is not None and theirs != ours:
+    raise ValueError(
+      f'config.init_from={given!r} is a run of a {theirs!r} model, but config.model.name={ours!r}: '
+      f'parameters transfer within one model family only. Give the workdir of a {ours!r} pretraining run, '
+      f"or set --config.model.name={theirs} (and that run's sizes) to fine-tune the {theirs!r} model."
+    )
 
 
 def init_from_pretrained(state, config, steps, workdir: str):
