@@ -131,11 +131,13 @@ def _meta_crc32(meta: dict) -> int:
 
 
 def _checksums(data_tree, meta: dict) -> dict:
+  """{'crc32': {leaf name: [crc32, dtype, shape]}, 'meta_crc32': crc32 of the meta as JSON reads it back}.
+  The arrays are copied to the host once for this (Orbax's async save makes its own copy)."""
   local = _local_leaves(data_tree)
-  host = jax.device_get([x for _, x in local])
-  arrays = {
-    n: [_crc32(np.asarray(a)), str(np.asarray(a).dtype), list(np.shape(a))] for (n, _), a in zip(local, host)
-  }
+  arrays = {}
+  for (name, _), a in zip(local, jax.device_get([x for _, x in local])):
+    a = np.asarray(a)
+    arrays[name] = [_crc32(a), str(a.dtype), list(a.shape)]
   return {'crc32': arrays, 'meta_crc32': _meta_crc32(json.loads(json.dumps(meta)))}
 
 
