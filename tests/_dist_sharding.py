@@ -116,6 +116,49 @@ def check_equivalence(results, store):
     }
 
 
+def check_carried_state(results):
+  """Truncated BPTT on the 2x4 mesh: the carry lives with its streams' rows (batch-sharded), and the
+  losses, params and final carry equal one device's."""
+  from lstm_attn.training import base_config
+
+  c = base_config('lstm_lm')
+  c.model.update(embed_dim=16, hidden_size=32, num_layers=2)
+  c.batch_size, c.optim.warmup_steps = BATCH, 1
+  rng = np.random.default_rng(1)
+  lanes = rng.integers(0, VOCAB, (BATCH, STEPS * SEQ + 1), dtype=np.int32)
+  data = []
+  for i in range(STEPS):
+    resets = np.zeros((BATCH, SEQ), np.float32)
+    resets[::3, i % SEQ] = 1.0  # documents starting inside some windows
+    cols = slice(i * SEQ, (i + 1) * SEQ)
+    data.append(
+      {'inputs': lanes[:, cols], 'targets': lanes[:, i * SEQ + 1 : (i + 1) * SEQ + 1], 'resets': resets}
+    )
+  out = {}
+  for name, mesh in (('one', None), ('2x4', sharding.make_mesh(2, 4))):
+    steps = build_lm_steps(c, mesh)
+    state, losses = steps.init(), []
+    for b in data:
+      state, m = steps.train_step(state, b if mesh is None else sharding.make_global_batch(b, mesh))
+      losses.append(float(m['loss']))
+    out[name] = (losses, jax.device_get(state['params']), jax.device_get(state['carry']), state['carry'])
+  spec = jax.tree.leaves(out['2x4'][3])[0].sharding.spec
+  loss_err = rel_err(out['2x4'][0], out['one'][0])
+  param_err = tree_rel_err(out['2x4'][1], out['one'][1])
+  carry_err = tree_rel_err(out['2x4'][2], out['one'][2])
+  results['carried_state_2x4'] = {
+    'ok': max(loss_err, param_err, carry_err) <= 1e-5 and spec == PartitionSpec(None, ('data', 'fsdp')),
+    'detail': f'loss/param/carry rel err {loss_err:.2e}/{param_err:.2e}/{carry_err:.2e}; carry spec {spec}',
+  }
+
+
+def build_lm_steps(config, mesh):
+  from lstm_attn.models import build_model
+  from lstm_attn.training import build_steps
+
+  return build_steps(config, lambda rngs: build_model(config, vocab_size=VOCAB, rngs=rngs), mesh=mesh)
+
+
 def check_fsdp_layout(results, store):
   state, _, mesh = store['2x4']
   params = jax.tree_util.tree_flatten_with_path(state['params'])[0]
@@ -311,6 +354,7 @@ def main(out_dir: str) -> None:
   checks = [
     ('equivalence', lambda: check_equivalence(results, store)),
     ('fsdp_layout', lambda: check_fsdp_layout(results, store)),
+    ('carried_state', lambda: check_carried_state(results)),
     ('restore', lambda: check_restore(results, store)),
     ('attention', lambda: check_attention(results)),
     ('batch_helpers', lambda: check_batch_helpers(results)),

@@ -189,6 +189,7 @@ def eight_devices(tmp_path_factory):
     'equivalence_2x4',
     'equivalence_8x1',
     'fsdp_layout',
+    'carried_state_2x4',
     'restore_1x8',
     'restore_one_device',
     'attention_pallas_batch_and_heads',
