@@ -154,3 +154,17 @@ def test_resume_with_carried_state_is_exact(tmp_path, monkeypatch):
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
   assert full['val_loss'] == resumed['val_loss']
+
+
+def test_documents_encode_as_the_joined_text_with_their_start_positions():
+  from lstm_attn.data.corpora import Corpus
+  from lstm_attn.data.tokenizers import ByteTokenizer
+  from lstm_attn.training import inputs
+
+  docs = ['first doc', 'é second', 'x']
+  corpus = Corpus('t', docs, docs[:1], docs[:1])
+  tok = ByteTokenizer()
+  ids, starts = inputs._encode(tok, corpus, 'train')
+  np.testing.assert_array_equal(ids, tok.encode(corpus.text('train')))
+  assert starts.tolist() == [0, 11, 22]  # 'first doc' 9 bytes + the 2-byte separator; 'é second' 9 bytes
+  assert [int(ids[s]) for s in starts] == [tok.encode(d)[0] for d in docs]

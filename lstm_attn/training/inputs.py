@@ -203,11 +203,16 @@ def make_inputs(config, workdir: str) -> Inputs:
 
     return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn)
 
-  ids = {s: np.asarray(tok.encode(corpus.text(s)), np.int32) for s in ('train', *splits)}
+  # A run that carries state restarts it at every document (and reads each eval split as lanes).
+  contiguous = carries_state(config)
+  ids, doc_starts = {}, {}
+  for s in ('train', *splits):
+    ids[s], doc_starts[s] = _encode(tok, corpus, s) if contiguous else (_encode_text(tok, corpus, s), None)
   with _fitting(config):
-    train = _TrainBatcher(
-      batching.LMBatcher(ids['train'], bs, seq_len, seed=seed, mode=config.data.mode), config
+    lm_batcher = batching.LMBatcher(
+      ids['train'], bs, seq_len, seed=seed, mode=config.data.mode, doc_starts=doc_starts['train']
     )
+    train = _TrainBatcher(lm_batcher, config)
   chars, nbytes = {}, {}
   for s in splits:
     if len(ids[s]) < 2:
@@ -220,14 +225,35 @@ def make_inputs(config, workdir: str) -> Inputs:
     chars[s] = len(text) / n_tok
     nbytes[s] = len(text.encode('utf-8')) / n_tok
 
-  # A run that carries state reads each split as ebs contiguous lanes, its carry threaded through.
-  contiguous = carries_state(config)
-
   def eval_fn(split):
-    batches = batching.eval_batches(ids[split], ebs, seq_len, contiguous=contiguous, pad_id=tok.pad_id)
+    batches = batching.eval_batches(
+      ids[split], ebs, seq_len, contiguous=contiguous, pad_id=tok.pad_id, doc_starts=doc_starts[split]
+    )
     return _limit(batches, n_eval)
 
   return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn, chars, nbytes)
+
+
+def _encode_text(tok, corpus, split) -> np.ndarray:
+  return np.asarray(tok.encode(corpus.text(split)), np.int32)
+
+
+def _encode(tok, corpus, split) -> tuple[np.ndarray, np.ndarray]:
+  """The split's tokens, documents joined by the separator as in corpus.text, and the token position
+  where each document starts. Encoded a document at a time (for the char and byte tokenizers the same
+  tokens as encoding the joined text; a subword tokenizer may split differently at a boundary)."""
+  sep = tok.encode(corpora.DOC_SEPARATOR)
+  pieces, starts, n = [], [], 0
+  for i, doc in enumerate(corpus.documents(split)):
+    if i:
+      pieces.append(sep)
+      n += len(sep)
+    starts.append(n)
+    piece = tok.encode(doc)
+    pieces.append(piece)
+    n += len(piece)
+  ids = np.concatenate([np.asarray(p, np.int32) for p in pieces]) if pieces else np.zeros(0, np.int32)
+  return ids, np.asarray(starts, np.int64)
 
 
 def _classification(config, workdir: str) -> Inputs:
