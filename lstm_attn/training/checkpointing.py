@@ -48,7 +48,7 @@ from absl import logging
 
 _METRIC = 'eval_loss'
 _CHECKSUMS = 'checksums'  # the meta entry written by `save`, removed from the meta `restore` returns
-_READ_ATTEMPTS = 3  # picks of a reader whose chosen step a live trainer deleted meanwhile
+_READ_ATTEMPTS = 10  # picks of a reader whose chosen step a live trainer deleted meanwhile
 _DELETION_S = 2.0  # how long a reader waits for a step directory whose files vanish to be gone as well
 
 
