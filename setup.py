@@ -30,7 +30,8 @@ setup(
     'tensorboardX>=2.6',
   ],
   extras_require={
-    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6'],
+    # matplotlib: plot.py's tests run the real script.
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6', 'matplotlib>=3.8'],
     # torch (CPU build) is optional: only for peer comparisons in the benchmarks and the
     # torch.nn.LSTM conversion tests, which are skipped without it.
     'bench': ['matplotlib>=3.8'],

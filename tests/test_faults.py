@@ -15,7 +15,7 @@ from train_tiny import REPO, TINY_FLAGS, compilation_cache, config_from_flags, f
 
 from lstm_attn import training as train
 
-STEPS = 40
+STEPS = 80  # room for a signal to land late under load (the stop windows below)
 # Logs every 3 steps, checkpoints every 4: a stop between two logs must carry the pending steps' metrics.
 RUN_FLAGS = [f for f in TINY_FLAGS if not f.startswith('--config.log_every=')] + [
   '--config.log_every=3',

@@ -86,7 +86,7 @@ def test_moved_workdir_beside_its_live_trainer_sample_and_a_second_trainer_chang
   tmp_path, cache_dir, monkeypatch
 ):
   """A run trained a little, its workdir moved and another run's tokenizer left at the old path; then, while
-  its trainer goes on in the moved workdir (checkpointing every step, keeping two, so the step a reader
+  its trainer goes on in the moved workdir (checkpointing every step, keeping three, so the step a reader
   picks is soon deleted; test_checkpointing.py has the deterministic race): sample.py decodes with the
   workdir's own tokenizer and deletes no write in progress, a second trainer is refused in one line, and
   SIGINT stops the first with its current step saved."""
@@ -98,7 +98,7 @@ def test_moved_workdir_beside_its_live_trainer_sample_and_a_second_trainer_chang
     f'--config.data.path={corpus}',
     '--config.data.tokenizer=char',
     '--config.checkpoint_every=1',
-    '--config.keep_latest=2',
+    '--config.keep_latest=3',
     '--config.keep_best=0',
     '--config.eval_every=100000',
     '--config.num_train_steps=100000',

@@ -168,3 +168,32 @@ def test_documents_encode_as_the_joined_text_with_their_start_positions():
   np.testing.assert_array_equal(ids, tok.encode(corpus.text('train')))
   assert starts.tolist() == [0, 11, 22]  # 'first doc' 9 bytes + the 2-byte separator; 'é second' 9 bytes
   assert [int(ids[s]) for s in starts] == [tok.encode(d)[0] for d in docs]
+
+
+def test_a_workdir_saved_before_carried_state_resumes_and_samples(tmp_path):
+  """Checkpoints whose meta predates carry_state and the AWD fields (as 945b42c's trainer wrote them, no
+  checksums): the same run resumes (no 'different experiment'), and their config completes stateless."""
+  import json
+  import os
+
+  from lstm_attn.training.config import complete_config
+
+  c = tiny_config('lstm_lm', steps=4)
+  c.carry_state, c.data.mode = False, 'random'
+  training.train_and_evaluate(c, str(tmp_path))
+  new_fields = ('weight_drop', 'activation_reg', 'temporal_activation_reg', 'embed_init')
+  ckpt_dir = tmp_path / 'checkpoints'
+  for step in (d for d in os.listdir(ckpt_dir) if d.isdigit()):
+    path = ckpt_dir / step / 'meta' / 'metadata'
+    meta = json.loads(path.read_text())
+    meta.pop('checksums', None)
+    del meta['config']['carry_state']
+    for section in (meta['config'], meta['fingerprint']):
+      for field in new_fields:
+        del section['model'][field]
+    path.write_text(json.dumps(meta))
+  old = complete_config(meta['config'])
+  assert old.carry_state is False and old.model.embed_init == 0.1
+  c.num_train_steps = 6
+  summary = training.train_and_evaluate(c, str(tmp_path))  # resumes from step 4
+  assert summary['step'] == 6 and sorted(train_losses(tmp_path)) == list(range(1, 7))

@@ -128,6 +128,8 @@ def complete_config(saved: dict) -> ml_collections.ConfigDict:
   name = (saved.get('model') or {}).get('name')
   config = base_config(name)
   config.update(ml_collections.ConfigDict(saved))
+  if 'carry_state' not in saved:  # saved before truncated BPTT existed: those runs never carried state
+    config.carry_state = False
   return config
 
 

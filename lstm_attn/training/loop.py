@@ -108,10 +108,14 @@ def _checked(config, workdir: str):
   # Refuse a workdir that holds another experiment's checkpoints before writing anything into it.
   saved = checkpointing.peek_meta(os.path.join(workdir, 'checkpoints'))
   now = _to_json(_fingerprint(config))
-  if saved is not None and saved.get('fingerprint') != now:
+  if saved is not None:
+    # Fields added since those checkpoints were saved take the defaults that reproduce their behaviour.
+    then = _to_json(_fingerprint(complete_config(saved['config']))) if saved.get('config') else None
+    then = then or saved.get('fingerprint') or {}
+  if saved is not None and then != now:
     raise ValueError(
       f'workdir={workdir!r} holds checkpoints of a different experiment '
-      f'({"; ".join(_diff(saved.get("fingerprint") or {}, now))}). '
+      f'({"; ".join(_diff(then, now))}). '
       'Use a fresh --workdir, or the same config to resume; nothing in the workdir was changed.'
     )
   os.makedirs(workdir, exist_ok=True)
