@@ -3,6 +3,8 @@ r"""Attention benchmark: forward and forward+backward time, TFLOP/s, memory, fra
 Implementations (all with the same [batch, seq, heads, head_dim] inputs):
   pallas      lstm_attn's fused Pallas kernel (compiled on GPU/TPU; on CPU only the interpreter, which is
               not a performance path, so it is left out there unless asked for).
+  mosaic_gpu  lstm_attn's Pallas Mosaic GPU kernel for Hopper (wgmma, TMA, warp specialisation; bf16/fp16;
+              GPU only here: on CPU it exists only in the GPU interpreter). Opt-in, never the default.
   xla         jax.nn.dot_product_attention(implementation='xla'): the materialising XLA baseline.
   cudnn       jax.nn.dot_product_attention(implementation='cudnn') (NVIDIA GPU only).
   jax_mha     JAX's bundled Pallas Triton `mha` (GPU only; MHA and block-multiple lengths only).
@@ -24,7 +26,7 @@ CPU (the table in BUILD_NOTES.md):
   python experiments/bench_attention.py --seq_lens=256,512,1024,2048 --head_dims=64,128 \
       --memory_only_seq_lens=4096,8192,16384 --repeats=5 \
       --output_json=/tmp/bench_attention_cpu.json --output_png=/tmp/bench_attention_cpu.png
-GPU (bf16, 512 to 16k tokens, head dims 64 and 128, causal on and off):
+GPU (bf16, 512 to 16k tokens, head dims 64 and 128, causal on and off; mosaic_gpu beside pallas, cudnn):
   python experiments/bench_attention.py --output_json=/tmp/bench_attention_gpu.json
 """
 
@@ -44,8 +46,8 @@ from absl import app, flags
 from lstm_attn.attention import dot_product_attention
 from lstm_attn.kernels import reference
 
-ALL_IMPLEMENTATIONS = ('pallas', 'cudnn', 'jax_mha', 'xla', 'chunked', 'reference')
-_GPU_ONLY = ('cudnn', 'jax_mha')
+ALL_IMPLEMENTATIONS = ('pallas', 'mosaic_gpu', 'cudnn', 'jax_mha', 'xla', 'chunked', 'reference')
+_GPU_ONLY = ('mosaic_gpu', 'cudnn', 'jax_mha')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('seq_lens', None, 'Sequence lengths (q_len = kv_len). Default: GPU 512..16k, CPU 256..8k.')
@@ -390,6 +392,9 @@ def main(argv):
       if n in names:
         names.remove(n)
         notes.append(f'{n}: GPU only, not run on {backend}.')
+  if 'mosaic_gpu' in names and dtype.itemsize != 2:
+    names.remove('mosaic_gpu')
+    notes.append(f'mosaic_gpu: bfloat16/float16 only (wgmma inputs), not run in {dtype.name}.')
   if backend == 'gpu' and 'jax_mha' in names and kv_heads != heads:
     names.remove('jax_mha')
     notes.append("jax_mha: JAX's bundled Pallas mha has no GQA; not run with --kv_heads < --heads.")
@@ -458,7 +463,14 @@ def main(argv):
     peak = peak_after
   table = format_table(rows, FLAGS.include_backward)
   summary = {}
-  for num, den in (('chunked', 'xla'), ('pallas', 'cudnn'), ('pallas', 'jax_mha')):
+  pairs = (
+    ('chunked', 'xla'),
+    ('pallas', 'cudnn'),
+    ('pallas', 'jax_mha'),
+    ('mosaic_gpu', 'cudnn'),
+    ('mosaic_gpu', 'pallas'),
+  )
+  for num, den in pairs:
     if num in names and den in names:
       for key in ('fwd_ms', 'fwd_bwd_ms'):
         summary[f'{num}/{den} {key}'] = ratios(rows, num, den, key)

@@ -9,6 +9,9 @@ control. Prints a summary table (worst case over the cases) and writes every row
 
   pip install -e '.[compile]'
   python experiments/kernel_report.py --output_json=results/kernel_report.json
+  # Our Mosaic GPU kernels beside JAX's attention_mgpu (the control), every case, bf16 and fp16:
+  python experiments/kernel_report.py --targets=h200 --kernels=mosaic_gpu,jax_attention_mgpu \
+      --dtypes=bfloat16,float16 --output_json=results/kernel_report_mosaic_gpu.json
   # Try other block sizes for our kernels (fields of the backend's BlockSizes):
   python experiments/kernel_report.py --targets=h200 --kernels=triton --head_dims=128 \
       --block_overrides=num_stages=4,num_stages_bwd=2 --output_json=/tmp/report.json
@@ -23,7 +26,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile-only devices; see kerne
 import collections
 import json
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -48,7 +50,7 @@ _OUTPUT_JSON = flags.DEFINE_string(
   'output_json', None, 'Where to write every row (and a .md table beside it); parent must exist.'
 )
 
-_GPU_KERNELS = ('triton', 'jax_triton_mha')
+_GPU_KERNELS = ('triton', 'mosaic_gpu', 'jax_triton_mha', 'jax_attention_mgpu')
 
 
 def _parse_overrides(pairs):
@@ -62,10 +64,10 @@ def _parse_overrides(pairs):
 
 
 def _stages(kernel, kernel_name, blocks):
-  """Pipeline stages a GPU kernel was compiled with (Triton's num_stages)."""
-  if blocks is None:  # JAX's mha: num_stages=2 for every kernel by default
+  """Pipeline stages a GPU kernel was compiled with (Triton's num_stages; Mosaic GPU's TMA ring depth)."""
+  if blocks is None:  # JAX's mha and attention_mgpu: 2 stages (num_stages / max_concurrent_steps)
     return 2
-  return blocks.num_stages if kernel_name.endswith('fwd') else blocks.num_stages_bwd
+  return blocks.num_stages if 'fwd' in kernel_name else blocks.num_stages_bwd
 
 
 def _compile_rows(target, kernel, case, head_dim, dtype, mode, overrides):
@@ -77,23 +79,29 @@ def _compile_rows(target, kernel, case, head_dim, dtype, mode, overrides):
   ours = kernel in sweep.OUR_KERNELS
   blocks = sweep.block_sizes(kernel, head_dim, dtype, case.q_len, overrides) if ours else None
   try:
-    fn, args = sweep.build(kernel, case, head_dim, dtype, mode, overrides if ours else None)
-    with tempfile.TemporaryDirectory() as dump:
-      start = time.perf_counter()
-      compiled = deviceless.compile_for(fn, *args, target=target, dump_dir=dump if target == 'h200' else None)
-      base.update(compiled=True, compile_s=round(time.perf_counter() - start, 2))
-      base['temp_bytes'] = compiled.memory_analysis().temp_size_in_bytes
-      if target != 'h200':
-        return [base]
-      rows = []
-      for k in deviceless.gpu_kernel_resources(dump):
-        if k.name.startswith(('flash_attention', 'mha')):
-          row = dict(base, gpu_kernel=k.name, num_stages=_stages(kernel, k.name, blocks))
-          row.update({f: getattr(k, f) for f in k.__dataclass_fields__}, num_warps=k.num_warps)
-          row['spill_bytes'] = k.spill_bytes
-          row.pop('name')
-          rows.append(row)
-      return rows
+    start = time.perf_counter()
+    if target == 'h200':
+      compiled, kernels = sweep.compile_and_measure(
+        kernel, case, head_dim, dtype, mode, overrides if ours else None
+      )
+    else:
+      fn, args = sweep.build(kernel, case, head_dim, dtype, mode, overrides if ours else None)
+      compiled, kernels = deviceless.compile_for(fn, *args, target=target), []
+    base.update(compiled=True, compile_s=round(time.perf_counter() - start, 2))
+    base['temp_bytes'] = compiled.memory_analysis().temp_size_in_bytes
+    if target != 'h200':
+      return [base]
+    rows = []
+    # Triton fusions are named by the pallas_call; Mosaic GPU kernels by kernel_name (ours) or by the
+    # body function (attention_mgpu: entry, kernel_dq, kernel_dkv).
+    for k in kernels:
+      if k.name.startswith(('flash_attention', 'mha', 'entry', 'kernel_d')):
+        row = dict(base, gpu_kernel=k.name, num_stages=_stages(kernel, k.name, blocks))
+        row.update({f: getattr(k, f) for f in k.__dataclass_fields__}, num_warps=k.num_warps)
+        row['spill_bytes'] = k.spill_bytes
+        row.pop('name')
+        rows.append(row)
+    return rows
   except Exception as e:  # a kernel that does not compile is a row of the report, not a crash
     return [dict(base, error=f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}')]
 

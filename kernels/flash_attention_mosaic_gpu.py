@@ -61,9 +61,16 @@ _HEAD_DIM_MULTIPLE = 64  # one 128-byte swizzle row of 16-bit elements
 MAX_HEAD_DIM = 256
 DTYPES = (jnp.bfloat16, jnp.float16)
 
+# setmaxnreg per warpgroup (FA3's split): 128 x (2 x 240 + 24) = 64512 of the SM's 65536 registers.
+_COMPUTE_REGISTERS = 240
+_MEMORY_REGISTERS = 24
+
 _WGMMA = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+_ROW_BLOCKS = ('block_q', 'block_k_dkv', 'block_q_dq')  # rows a compute warpgroup owns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +113,12 @@ class BlockSizes:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'block_sizes.{field.name} must be a positive int, got {value!r}.')
-      if field.name.startswith('block_') and value % 64:
-        raise ValueError(f'block_sizes.{field.name} must be a multiple of 64 (wgmma tiles), got {value}.')
+      if field.name in _ROW_BLOCKS and value % 64:
+        raise ValueError(
+          f'block_sizes.{field.name} must be a multiple of 64 (the M of a warpgroup wgmma), got {value}.'
+        )
+      if field.name.startswith('block_') and value % 32:
+        raise ValueError(f'block_sizes.{field.name} must be a multiple of 32 (wgmma N and K), got {value}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,14 +241,36 @@ def _bcast_cols(x, shape):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _visible(cfg: _Config, q_len_b, kv_len_b, q_pos, kv_pos, q_seg=None, kv_seg=None):
-  """`reference.visible` on a [rows, cols] tile of positions (and segment ids broadcast to it)."""
+def _visible(cfg: _Config, q_len_b, kv_len_b, q_pos, kv_pos, q_seg=None, kv_seg=None, *, query_length=True):
+  """`reference.visible` on a [rows, cols] tile of positions (and segment ids broadcast to it).
+
+  The key length enters only where keys can be past it (given lengths, or padding). query_length=False
+  leaves out rows past the query length: the dK/dV kernel, where their LSE (the largest float32) already
+  makes their probabilities 0 and a tile fewer keeps its two accumulators out of local memory."""
   spec = _triton._block_spec(cfg, q_len_b, kv_len_b, q_seg, kv_seg)
+  spec = dataclasses.replace(
+    spec,
+    query_seq_lengths=spec.query_seq_lengths if query_length else None,
+    key_value_seq_lengths=spec.key_value_seq_lengths if cfg.mask_kv_len else None,
+  )
   return reference.visible(spec, 0, q_pos, kv_pos)
 
 
 def _loop(lo, hi, body, carry):
   return lax.fori_loop(lo, hi, body, carry)
+
+
+def _three_ranges(outer, inner, lower: bool = True, upper: bool = True):
+  """[lo, hi) split at the inner (mid_lo, mid_hi) of one warpgroup: masked, full, masked. Blocks outside the
+  warpgroup's own (lo, hi) run masked (every logit hidden, no contribution): one loop fewer each side.
+  lower/upper False: that masked range is empty for every input (the masks in use cannot make it), so
+  no loop is emitted for it (fewer loops: fewer registers, ptxas measured)."""
+  lo, hi = outer
+  mid_lo = jnp.clip(inner[1], lo, hi) if lower else lo
+  mid_hi = jnp.clip(inner[2], mid_lo, hi) if upper else hi
+  ranges = [((lo, mid_lo), 'masked')] if lower else []
+  ranges.append(((mid_lo, mid_hi), 'full'))
+  return ranges + ([((mid_hi, hi), 'masked')] if upper else [])
 
 
 def _five_ranges(outer, inner):
@@ -290,7 +323,7 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int
 
   @pl.when(wg < _WGS)
   def _compute():
-    plgpu.set_max_registers(232, action='increase')
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
     ops = _Ops(cfg.interpret, *((a_scratch.at[wg], b_scratch.at[wg]) if cfg.interpret else ()))
     q0 = cta_q0 + wg * block_q
     rows = pl.ds(q0, block_q)
@@ -300,9 +333,17 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int
       plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_seg_smem.at[wg], q_full.at[wg])
     plgpu.barrier_wait(q_full.at[wg])
     shape = (block_q, block_k)
-    q_pos = q0 + ops.iota(shape, 0)
-    q_seg = _bcast_rows(ops.load(q_seg_smem.at[wg], _ROW), shape) if cfg.has_segments else None
+    # Per-row values stay vectors across the loop (2 registers a thread); tiles are built per block.
+    q_seg_rows = ops.load(q_seg_smem.at[wg], _ROW) if cfg.has_segments else None
     qk_scale = cfg.scale * _LOG2_E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+
+    def visible(j, slot):
+      q_pos, kv_pos = q0 + ops.iota(shape, 0), j * block_k + ops.iota(shape, 1)
+      q_seg = kv_seg = None
+      if cfg.has_segments:
+        q_seg = _bcast_rows(q_seg_rows, shape)
+        kv_seg = _bcast_cols(ops.load(kv_seg_smem.at[slot], _COL), shape)
+      return _visible(cfg, q_len_b, kv_len_b, q_pos, kv_pos, q_seg, kv_seg)
 
     def step(j, carry, mode):
       acc, m_prev, l_prev = carry  # [bq, D], [bq], [bq] float32
@@ -319,9 +360,7 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int
       s = ops.dot(qo_smem, k_smem.at[slot], b_transposed=True) * qk_scale  # S = Q K^T, [bq, bk]
       sync_schedule()
       if mode == 'masked':
-        kv_pos = j * block_k + ops.iota(shape, 1)
-        kv_seg = _bcast_cols(ops.load(kv_seg_smem.at[slot], _COL), shape) if cfg.has_segments else None
-        s = jnp.where(_visible(cfg, q_len_b, kv_len_b, q_pos, kv_pos, q_seg, kv_seg), s, -jnp.inf)
+        s = jnp.where(visible(j, slot), s, -jnp.inf)
       pl.when(releases)(lambda: plgpu.barrier_arrive(k_consumed.at[slot]))
       m_next = jnp.maximum(m_prev, s.max(axis=1))
       m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row with nothing visible yet: exp2 -> 0
@@ -361,7 +400,7 @@ def _fwd_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int
 
   @pl.when(wg == _WGS)
   def _memory():
-    plgpu.set_max_registers(40, action='decrease')
+    plgpu.set_max_registers(_MEMORY_REGISTERS, action='decrease')
     kv_head = lax.div(h, jnp.int32(group))
 
     def load(j, slot):
@@ -453,11 +492,17 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: in
   q_len_b, kv_len_b = q_len_ref[b], kv_len_ref[b]
   cta_k0 = lax.axis_index('k') * (_WGS * block_k)
   num_q_blocks = q_seq_len // block_q
+  # Each key's dK, dV row depends on that key alone, so keys at or past the length are zeroed once, after
+  # the kernel (`_bwd_call`), not masked block by block; rows at or past the query length have the
+  # largest LSE, so their probabilities are 0 already. Left in the per-block mask: causal, window,
+  # segment ids. (Each mask left out here took ptxas from spilling to not, in the report's cases.)
+  mask_cfg = dataclasses.replace(cfg, mask_kv_len=False)
 
   def bounds(k0, cols):
-    if cfg.needs_mask:
-      return _triton._q_block_range(cfg, k0, cols, block_q, num_q_blocks, q_len_b, kv_len_b)
+    if mask_cfg.needs_mask:
+      return _triton._q_block_range(mask_cfg, k0, cols, block_q, num_q_blocks, q_len_b, kv_len_b)
     hi = jnp.minimum(_triton._cdiv(jnp.maximum(q_len_b, 0), block_q), jnp.int32(num_q_blocks))
+    hi = jnp.where(k0 < kv_len_b, hi, jnp.int32(0))  # keys all past the length: no gradient
     return jnp.int32(0), jnp.int32(0), hi, hi
 
   lo, _, _, hi = bounds(cta_k0, _WGS * block_k)
@@ -466,7 +511,7 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: in
 
   @pl.when(wg < _WGS)
   def _compute():
-    plgpu.set_max_registers(232, action='increase')
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
     ops = _Ops(cfg.interpret, *((a_scratch.at[wg], b_scratch.at[wg]) if cfg.interpret else ()))
     k0 = cta_k0 + wg * block_k
     cols = pl.ds(k0, block_k)
@@ -478,9 +523,16 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: in
     plgpu.barrier_wait(kv_full.at[wg])
     # Transposed tiles, keys along rows: S^T = K Q^T is [bk, bq].
     shape = (block_k, block_q)
-    kv_pos = k0 + ops.iota(shape, 0)
-    kv_seg = _bcast_rows(ops.load(kv_seg_smem.at[wg], _ROW), shape) if cfg.has_segments else None
+    kv_seg_rows = ops.load(kv_seg_smem.at[wg], _ROW) if cfg.has_segments else None
     qk_scale = cfg.scale * _LOG2_E
+
+    def visible(i, slot):
+      kv_pos, q_pos = k0 + ops.iota(shape, 0), i * block_q + ops.iota(shape, 1)
+      q_seg = kv_seg = None
+      if cfg.has_segments:
+        kv_seg = _bcast_rows(kv_seg_rows, shape)
+        q_seg = _bcast_cols(ops.load(q_seg_smem.at[slot], _COL), shape)
+      return _visible(mask_cfg, q_len_b, kv_len_b, q_pos, kv_pos, q_seg, kv_seg, query_length=False)
 
     def step(t, i, carry, mode):
       dk, dv = carry  # [bk, D] float32 each
@@ -492,28 +544,32 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: in
         return carry
       q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
       s_t = ops.dot(k_tile, q_tile, b_transposed=True) * qk_scale  # S^T = K Q^T, [bk, bq]
-      lse = _bcast_cols(ops.load(lse_smem.at[slot], _COL), shape)  # _EMPTY_ROW_LSE on empty rows
-      delta = _bcast_cols(ops.load(delta_smem.at[slot], _COL), shape)
       if mode == 'masked':
-        q_pos = i * block_q + ops.iota(shape, 1)
-        q_seg = _bcast_cols(ops.load(q_seg_smem.at[slot], _COL), shape) if cfg.has_segments else None
-        s_t = jnp.where(_visible(cfg, q_len_b, kv_len_b, q_pos, kv_pos, q_seg, kv_seg), s_t, -jnp.inf)
-      p_t = jnp.exp2(s_t - lse)  # the forward probabilities P^T, [bk, bq]
+        s_t = jnp.where(visible(i, slot), s_t, -jnp.inf)
+      # The forward probabilities P^T, [bk, bq]; LSE is _EMPTY_ROW_LSE on empty rows, so they are 0.
+      # Column vectors are broadcast where they are used: a broadcast tile costs a register per element.
+      p_t = jnp.exp2(s_t - _bcast_cols(ops.load(lse_smem.at[slot], _COL), shape))
       dv = ops.dot_acc(dv, p_t.astype(do_tile.dtype), do_tile)  # dV += P^T dO
       dp_t = ops.dot(v_tile, do_tile, b_transposed=True)  # dP^T = V dO^T, [bk, bq]
-      ds_t = p_t * (dp_t - delta)
+      ds_t = p_t * (dp_t - _bcast_cols(ops.load(delta_smem.at[slot], _COL), shape))
       dk = ops.dot_acc(dk, ds_t.astype(q_tile.dtype), q_tile)  # dK += dS^T Q
       pl.when(releases)(lambda: plgpu.barrier_arrive(consumed.at[slot]))
       return dk, dv
 
+    # Query blocks below the full ones exist with a causal mask or a window, above them with a window;
+    # segment ids mask every block.
+    lower = cfg.is_causal or cfg.window is not None or cfg.has_segments
+    upper = cfg.window is not None or cfg.has_segments
+
     def head(g, carry):  # the GQA sum: one query head after another
-      for (start, stop), mode in _five_ranges((lo, hi), bounds(k0, block_k)):
+      for (start, stop), mode in _three_ranges((lo, hi), bounds(k0, block_k), lower, upper):
         body = lambda i, c, mode=mode: step(g * per_head + i - lo, i, c, mode)
         carry = _loop(start, stop, body, carry)
       return carry
 
     zeros = ops.cast(jnp.zeros((block_k, head_dim), jnp.float32), _WGMMA)
     dk, dv = _loop(0, group, head, (zeros, zeros))
+
     k_tile[...] = (dk * cfg.scale).astype(k_tile.dtype)  # K and V are done: their tiles stage dK, dV
     v_tile[...] = dv.astype(v_tile.dtype)
     plgpu.commit_smem()
@@ -523,7 +579,7 @@ def _dkdv_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: in
 
   @pl.when(wg == _WGS)
   def _memory():
-    plgpu.set_max_registers(40, action='decrease')
+    plgpu.set_max_registers(_MEMORY_REGISTERS, action='decrease')
 
     def load(t, slot):
       g, i = lax.div(t, per_head), lo + lax.rem(t, per_head)
@@ -575,7 +631,7 @@ def _dq_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int,
 
   @pl.when(wg < _WGS)
   def _compute():
-    plgpu.set_max_registers(232, action='increase')
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action='increase')
     ops = _Ops(cfg.interpret, *((a_scratch.at[wg], b_scratch.at[wg]) if cfg.interpret else ()))
     q0 = cta_q0 + wg * block_q
     rows = pl.ds(q0, block_q)
@@ -588,11 +644,18 @@ def _dq_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int,
       plgpu.copy_gmem_to_smem(q_seg_ref.at[b, rows], q_seg_smem.at[wg], q_full.at[wg])
     plgpu.barrier_wait(q_full.at[wg])
     shape = (block_q, block_k)
-    q_pos = q0 + ops.iota(shape, 0)
-    q_seg = _bcast_rows(ops.load(q_seg_smem.at[wg], _ROW), shape) if cfg.has_segments else None
-    lse = _bcast_rows(ops.load(lse_smem.at[wg], _ROW), shape)
-    delta = _bcast_rows(ops.load(delta_smem.at[wg], _ROW), shape)
+    q_seg_rows = ops.load(q_seg_smem.at[wg], _ROW) if cfg.has_segments else None
+    lse_rows = ops.load(lse_smem.at[wg], _ROW)
+    delta_rows = ops.load(delta_smem.at[wg], _ROW)
     qk_scale = cfg.scale * _LOG2_E
+
+    def visible(j, slot):
+      q_pos, kv_pos = q0 + ops.iota(shape, 0), j * block_k + ops.iota(shape, 1)
+      q_seg = kv_seg = None
+      if cfg.has_segments:
+        q_seg = _bcast_rows(q_seg_rows, shape)
+        kv_seg = _bcast_cols(ops.load(kv_seg_smem.at[slot], _COL), shape)
+      return _visible(cfg, q_len_b, kv_len_b, q_pos, kv_pos, q_seg, kv_seg)
 
     def step(j, dq, mode):
       slot = lax.rem(j - lo, num_stages)
@@ -604,11 +667,9 @@ def _dq_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int,
       k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
       s = ops.dot(q_tile, k_tile, b_transposed=True) * qk_scale  # S = Q K^T, [bq, bk]
       if mode == 'masked':
-        kv_pos = j * block_k + ops.iota(shape, 1)
-        kv_seg = _bcast_cols(ops.load(kv_seg_smem.at[slot], _COL), shape) if cfg.has_segments else None
-        s = jnp.where(_visible(cfg, q_len_b, kv_len_b, q_pos, kv_pos, q_seg, kv_seg), s, -jnp.inf)
-      p = jnp.exp2(s - lse)
-      ds = p * (ops.dot(do_tile, v_tile, b_transposed=True) - delta)  # dP = dO V^T
+        s = jnp.where(visible(j, slot), s, -jnp.inf)
+      p = jnp.exp2(s - _bcast_rows(lse_rows, shape))
+      ds = p * (ops.dot(do_tile, v_tile, b_transposed=True) - _bcast_rows(delta_rows, shape))  # dP = dO V^T
       dq = ops.dot_acc(dq, ds.astype(k_tile.dtype), k_tile)  # dQ += dS K
       pl.when(releases)(lambda: plgpu.barrier_arrive(consumed.at[slot]))
       return dq
@@ -623,7 +684,7 @@ def _dq_kernel(*refs, cfg: _Config, block_q: int, block_k: int, num_stages: int,
 
   @pl.when(wg == _WGS)
   def _memory():
-    plgpu.set_max_registers(40, action='decrease')
+    plgpu.set_max_registers(_MEMORY_REGISTERS, action='decrease')
     kv_head = lax.div(h, jnp.int32(group))
 
     def load(j, slot):
@@ -689,6 +750,9 @@ def _bwd_call(q, k, v, o, lse, do, q_lens, kv_lens, q_seg, kv_seg, cfg: _Config)
     kernel_name='flash_attention_mgpu_dkdv',
     **common,
   )(*args)
+  if cfg.mask_kv_len:  # keys at or past the length get no gradient (one fused pass over dK, dV)
+    keep = (jnp.arange(kv_seq_len, dtype=jnp.int32)[None, :] < kv_lens[:, None])[:, :, None, None]
+    dk, dv = jnp.where(keep, dk, jnp.zeros((), dk.dtype)), jnp.where(keep, dv, jnp.zeros((), dv.dtype))
 
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
   scratch = [

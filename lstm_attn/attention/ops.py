@@ -11,6 +11,8 @@ called with (query, key, value, bias, mask, scale, spec), and no backend validat
   'chunked'    flash-style jnp scan over key/value blocks, memory linear in sequence length (CPU path).
   'pallas'     the fused Pallas kernel (GPU/TPU; interpret mode on CPU), the platform's kernel chosen
                when the call is lowered (`kernels/flash_attention.py`).
+  'mosaic_gpu' the Pallas Mosaic GPU kernel for Hopper (bf16/fp16; GPU interpret mode on CPU): opt-in,
+               never chosen by None until a GPU run has verified and timed it.
   None         'pallas' on GPU/TPU; on CPU 'xla' for small q_len * kv_len and 'chunked' for large.
 
 Unlike jax.nn, a query row that sees no key at all (fully masked) returns zeros and gets zero gradient,
@@ -204,14 +206,50 @@ def _pallas(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
   )
 
 
+def _mosaic_gpu(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
+  if bias is not None or mask is not None:
+    raise ValueError(
+      "implementation='mosaic_gpu' takes no dense bias or mask (they are N x N arrays); express the mask "
+      "with is_causal/seq lengths/local_window_size/segment_ids, or use implementation='xla'."
+    )
+  from lstm_attn.attention.sharded import per_shard_attention
+  from lstm_attn.kernels.flash_attention import flash_attention_from_spec
+
+  def per_shard(query, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None):
+    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+    shard_spec = dataclasses.replace(
+      spec,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg,
+    )
+    return flash_attention_from_spec(query, key, value, scale, shard_spec, backend='mosaic_gpu')
+
+  return per_shard_attention(per_shard)(
+    query,
+    key,
+    value,
+    query_seq_lengths=spec.query_seq_lengths,
+    key_value_seq_lengths=spec.key_value_seq_lengths,
+    segment_ids=_segment_pair(spec),
+  )
+
+
 def _segment_pair(spec: reference.MaskSpec):
   if spec.q_segment_ids is None:
     return None
   return (spec.q_segment_ids, spec.kv_segment_ids)
 
 
-_TABLE = {'reference': _reference, 'xla': _xla, 'chunked': _chunked, 'pallas': _pallas}
-IMPLEMENTATIONS = tuple(_TABLE)  # ('reference', 'xla', 'chunked', 'pallas')
+_TABLE = {
+  'reference': _reference,
+  'xla': _xla,
+  'chunked': _chunked,
+  'pallas': _pallas,
+  'mosaic_gpu': _mosaic_gpu,
+}
+IMPLEMENTATIONS = tuple(_TABLE)  # ('reference', 'xla', 'chunked', 'pallas', 'mosaic_gpu')
 
 
 # ----------------------------------------------------------------------------------------------------
