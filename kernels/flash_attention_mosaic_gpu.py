@@ -20,9 +20,10 @@ warpgroups are done with it). Both products of every step are `wgmma`, accumulat
 Masks never exist as N x N arrays: each block evaluates `reference.visible` (the project's one mask
 predicate) on its positions, through the same `MaskSpec` adapter and the same block-range arithmetic as
 the Triton kernel (`flash_attention_triton._kv_block_range` / `_q_block_range`). A block no row of the
-CTA sees is never loaded; a block that no row of one warpgroup sees is waited for and released without
-compute; a block that every row sees runs without the mask; only the boundary blocks pay for it. Rows
-that see nothing output 0 with zero gradient (their LSE is the largest finite float32).
+CTA sees is never loaded; in the forward and dQ kernels a block that no row of one warpgroup sees is
+waited for and released without compute (dK/dV runs it masked: fewer loops, no spills); a block that
+every row sees runs without the mask; only the boundary blocks pay for it. Rows that see nothing output 0
+with zero gradient (their LSE is the largest finite float32).
 
 Interpret mode (CPU, `interpret=True`, jax 0.10's `InterpretGPUParams`) runs the same kernels, barriers,
 TMA copies and `wgmma`s, with three substitutions its interpreter needs, kept in `_Ops` and nowhere
