@@ -607,6 +607,11 @@ def flash_attention_tpu_from_spec(
   if 0 in (batch, num_heads):  # nothing to attend to: zeros, and zero gradients
     return jnp.zeros_like(query)
 
+  def lengths(given, full):  # always passed to the kernel: they also hide the padding
+    if given is None:
+      return jnp.full((batch,), full, jnp.int32)
+    return jnp.clip(given, 0, full)
+
   cfg = _Config(
     scale=scale,
     is_causal=spec.is_causal,
@@ -621,8 +626,8 @@ def flash_attention_tpu_from_spec(
     query,
     key,
     value,
-    reference.lengths_or_full(spec.query_seq_lengths, q_len, batch),
-    reference.lengths_or_full(spec.key_value_seq_lengths, kv_len, batch),
+    lengths(spec.query_seq_lengths, q_len),
+    lengths(spec.key_value_seq_lengths, kv_len),
     spec.q_segment_ids,
     spec.kv_segment_ids,
     cfg=cfg,
