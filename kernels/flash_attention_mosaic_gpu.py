@@ -30,6 +30,8 @@ TMA copies and `wgmma`s, with three substitutions its interpreter needs, kept in
 else: a transposed shared-memory operand (`transpose_ref`) and a register A operand are first written
 to a per-warpgroup shared-memory scratch; accumulating into a live accumulator (`pl.run_state`) becomes
 an add of a fresh one; layout casts and layout-carrying loads are plain (the interpreter has no layouts).
+Each simulated thread waiting at a barrier holds one of XLA:CPU's pool threads (PJRT_NPROC, default the
+number of cores): on fewer than 4 cores set PJRT_NPROC=8 before JAX starts, or interpret mode hangs.
 See BUILD_NOTES.md ("Mosaic GPU kernel") for what interpret mode can and cannot check.
 
 Layout [batch, seq, heads, head_dim], bfloat16 or float16 (the `wgmma` input types). Head dims are
@@ -43,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +150,26 @@ def _swizzled(shape, dtype):
   )
 
 
+# XLA:CPU pool threads one interpreted kernel holds at once: the thread map's own, and one per simulated
+# thread (two consumer warpgroups and the producer) waiting at a barrier.
+_INTERPRET_POOL_THREADS = _WGS + 2
+
+
+def _cpu_pool_threads() -> int:
+  """The XLA:CPU client's pool size: PJRT_NPROC (or NPROC) where set, else the schedulable cores."""
+  for name in ('PJRT_NPROC', 'NPROC'):
+    if os.environ.get(name, '').strip().isdigit():
+      return int(os.environ[name])
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def _interpret_params():
+  if _cpu_pool_threads() < _INTERPRET_POOL_THREADS:
+    raise RuntimeError(
+      f'interpret=True: the GPU interpreter needs {_INTERPRET_POOL_THREADS} XLA:CPU pool threads, this '
+      f'process has {_cpu_pool_threads()} (one per core) and would hang at the first barrier. Set '
+      'PJRT_NPROC=8 in the environment before JAX starts (e.g. `PJRT_NPROC=8 python ...`).'
+    )
   try:  # jax 0.10: only under _src
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   except ImportError:  # pragma: no cover - a later layout
@@ -754,6 +776,11 @@ def _bwd_call(q, k, v, o, lse, do, q_lens, kv_lens, q_seg, kv_seg, cfg: _Config)
   if cfg.mask_kv_len:  # keys at or past the length get no gradient (one fused pass over dK, dV)
     keep = (jnp.arange(kv_seq_len, dtype=jnp.int32)[None, :] < kv_lens[:, None])[:, :, None, None]
     dk, dv = jnp.where(keep, dk, jnp.zeros((), dk.dtype)), jnp.where(keep, dv, jnp.zeros((), dv.dtype))
+  if cfg.interpret:
+    # Interpreted, every simulated thread waiting at a barrier holds one of XLA:CPU's pool threads, and
+    # XLA:CPU runs independent ops concurrently: two kernels in flight need twice the threads. The dQ
+    # kernel's inputs pass through a barrier with dK and dV, so it starts after the dK/dV kernel ends.
+    args, dk, dv = lax.optimization_barrier((args, dk, dv))
 
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
   scratch = [

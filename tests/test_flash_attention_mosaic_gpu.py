@@ -91,10 +91,9 @@ class TestMosaicGPUInterpret(AttentionHarness):
     )
 
   def _compiled(self, fn, *args):
-    # Interpreted, each kernel runs as its own computation (jax.vjp outside jit): with the forward and
-    # both backward kernels in one jitted program the jax 0.10 GPU interpreter intermittently deadlocks
-    # here (two interpreted kernels in flight at once; its simulated threads block on each other's
-    # barriers). Compiled, the harness's single jit is used as is.
+    # Interpreted, each kernel runs as its own computation (jax.vjp outside jit), so at most one kernel's
+    # simulated threads hold XLA:CPU pool threads at a time (see PJRT_NPROC in conftest.py). Compiled, the
+    # harness's single jit is used as is.
     if self.INTERPRET:
       return fn(*args)
     return super()._compiled(fn, *args)
@@ -145,6 +144,16 @@ class TestMosaicGPUInterpret(AttentionHarness):
     kwargs.setdefault('interpret', self.INTERPRET)
     with pytest.raises(ValueError, match=match):
       fm.flash_attention_mosaic_gpu(query, kv, kv, **kwargs)
+
+  def test_too_few_cpu_pool_threads_for_the_interpreter_is_an_error_not_a_hang(self, monkeypatch):
+    # With fewer XLA:CPU pool threads than one kernel's simulated threads, the interpreter would wait at
+    # its first barrier for ever (a CI run hung 90 minutes on 2 cores before PJRT_NPROC was set).
+    if not self.INTERPRET:
+      pytest.skip('compiled: no interpreter')
+    monkeypatch.setenv('PJRT_NPROC', '2')
+    x = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match='PJRT_NPROC=8'):
+      fm.flash_attention_mosaic_gpu(x, x, x, interpret=True)
 
   def test_block_sizes_pick_the_mosaic_gpu_backend(self, monkeypatch):
     # Mosaic GPU block sizes with backend=None run this kernel, as TPU block sizes run the TPU kernel.
