@@ -44,7 +44,7 @@ CHUNKED_MIN_ELEMENTS = 1024 * 1024
 PALLAS_HEAD_DIMS = (32, 256)
 
 # The backends that take no dense bias/mask (they never form an N x N array).
-_FUSED = ('chunked', 'pallas')
+_FUSED = ('chunked', 'pallas', 'mosaic_gpu')
 
 
 def _to_4d(x, name, target):
@@ -177,63 +177,40 @@ def _chunked(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
   return chunked_attention_from_spec(query, key, value, scale, spec)
 
 
-def _pallas(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
-  del bias, mask  # None: the op refuses them for the fused backends
-  from lstm_attn.attention.sharded import per_shard_attention
-  from lstm_attn.kernels.flash_attention import flash_attention_from_spec
+def _fused_kernel(backend: str | None):
+  """The backend that calls the fused Pallas kernel `flash_attention_from_spec(..., backend=backend)`
+  (None: the platform's kernel, chosen when the call is lowered)."""
 
-  # A Pallas call is opaque to the SPMD partitioner: under a multi-device mesh (the trainer traces its
-  # steps under jax.set_mesh) it runs per shard of the batch instead of gathering the batch. shard_map
-  # splits the spec's per-example arrays, so they travel as arguments and the spec is rebuilt per shard.
-  def per_shard(query, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None):
-    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-    shard_spec = dataclasses.replace(
-      spec,
-      query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_seg,
-      kv_segment_ids=kv_seg,
+  def run(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
+    del bias, mask  # None: the op refuses them for the fused backends
+    from lstm_attn.attention.sharded import per_shard_attention
+    from lstm_attn.kernels.flash_attention import flash_attention_from_spec
+
+    # A Pallas call is opaque to the SPMD partitioner: under a multi-device mesh (the trainer traces its
+    # steps under jax.set_mesh) it runs per shard of the batch instead of gathering the batch. shard_map
+    # splits the spec's per-example arrays, so they travel as arguments and the spec is rebuilt per shard.
+    def per_shard(query, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None):
+      q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+      shard_spec = dataclasses.replace(
+        spec,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+      )
+      kwargs = {} if backend is None else {'backend': backend}
+      return flash_attention_from_spec(query, key, value, scale, shard_spec, **kwargs)
+
+    return per_shard_attention(per_shard)(
+      query,
+      key,
+      value,
+      query_seq_lengths=spec.query_seq_lengths,
+      key_value_seq_lengths=spec.key_value_seq_lengths,
+      segment_ids=_segment_pair(spec),
     )
-    return flash_attention_from_spec(query, key, value, scale, shard_spec)
 
-  return per_shard_attention(per_shard)(
-    query,
-    key,
-    value,
-    query_seq_lengths=spec.query_seq_lengths,
-    key_value_seq_lengths=spec.key_value_seq_lengths,
-    segment_ids=_segment_pair(spec),
-  )
-
-
-def _mosaic_gpu(query, key, value, bias, mask, scale, spec: reference.MaskSpec):
-  if bias is not None or mask is not None:
-    raise ValueError(
-      "implementation='mosaic_gpu' takes no dense bias or mask (they are N x N arrays); express the mask "
-      "with is_causal/seq lengths/local_window_size/segment_ids, or use implementation='xla'."
-    )
-  from lstm_attn.attention.sharded import per_shard_attention
-  from lstm_attn.kernels.flash_attention import flash_attention_from_spec
-
-  def per_shard(query, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None):
-    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-    shard_spec = dataclasses.replace(
-      spec,
-      query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_seg,
-      kv_segment_ids=kv_seg,
-    )
-    return flash_attention_from_spec(query, key, value, scale, shard_spec, backend='mosaic_gpu')
-
-  return per_shard_attention(per_shard)(
-    query,
-    key,
-    value,
-    query_seq_lengths=spec.query_seq_lengths,
-    key_value_seq_lengths=spec.key_value_seq_lengths,
-    segment_ids=_segment_pair(spec),
-  )
+  return run
 
 
 def _segment_pair(spec: reference.MaskSpec):
@@ -246,8 +223,8 @@ _TABLE = {
   'reference': _reference,
   'xla': _xla,
   'chunked': _chunked,
-  'pallas': _pallas,
-  'mosaic_gpu': _mosaic_gpu,
+  'pallas': _fused_kernel(None),
+  'mosaic_gpu': _fused_kernel('mosaic_gpu'),
 }
 IMPLEMENTATIONS = tuple(_TABLE)  # ('reference', 'xla', 'chunked', 'pallas', 'mosaic_gpu')
 
