@@ -950,17 +950,12 @@ def flash_attention_mosaic_gpu_from_spec(
     interpret=interpret,
   )
 
-  def lengths(given, full):
-    if given is None:
-      return jnp.full((batch,), full, jnp.int32)
-    return jnp.clip(given, 0, full).astype(jnp.int32)
-
   return _flash_padded(
     query,
     key,
     value,
-    lengths(spec.query_seq_lengths, q_len),
-    lengths(spec.key_value_seq_lengths, kv_len),
+    reference.lengths_or_full(spec.query_seq_lengths, q_len, batch),
+    reference.lengths_or_full(spec.key_value_seq_lengths, kv_len, batch),
     spec.q_segment_ids,
     spec.kv_segment_ids,
     cfg,

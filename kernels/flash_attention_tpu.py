@@ -607,11 +607,6 @@ def flash_attention_tpu_from_spec(
   if 0 in (batch, num_heads):  # nothing to attend to: zeros, and zero gradients
     return jnp.zeros_like(query)
 
-  def lengths(given, full):  # always passed to the kernel: they also hide the padding
-    if given is None:
-      return jnp.full((batch,), full, jnp.int32)
-    return jnp.clip(given, 0, full)
-
   cfg = _Config(
     scale=scale,
     is_causal=spec.is_causal,
@@ -626,8 +621,8 @@ def flash_attention_tpu_from_spec(
     query,
     key,
     value,
-    lengths(spec.query_seq_lengths, q_len),
-    lengths(spec.key_value_seq_lengths, kv_len),
+    reference.lengths_or_full(spec.query_seq_lengths, q_len, batch),
+    reference.lengths_or_full(spec.key_value_seq_lengths, kv_len, batch),
     spec.q_segment_ids,
     spec.kv_segment_ids,
     cfg=cfg,

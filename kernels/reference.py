@@ -129,6 +129,14 @@ def _check_lengths(name, lengths, batch):
   return lengths.astype(jnp.int32)
 
 
+def lengths_or_full(lengths, full: int, batch: int) -> Array:
+  """int32 [batch]: the given sequence lengths clipped to [0, full], or `full` for every example (the
+  kernels always take lengths: they also hide the padding to block multiples)."""
+  if lengths is None:
+    return jnp.full((batch,), full, jnp.int32)
+  return jnp.clip(lengths, 0, full).astype(jnp.int32)
+
+
 def check_bias(bias):
   """An additive bias must be floating point: a boolean mask added as 0/1 would silently not mask."""
   bias = jnp.asarray(bias)
