@@ -31,7 +31,7 @@ setup(
   ],
   extras_require={
     # matplotlib: plot.py's tests run the real script.
-    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6', 'matplotlib>=3.8'],
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'pytest-timeout>=2.3', 'ruff>=0.6', 'matplotlib>=3.8'],
     # torch (CPU build) is optional: only for peer comparisons in the benchmarks and the
     # torch.nn.LSTM conversion tests, which are skipped without it.
     'bench': ['matplotlib>=3.8'],

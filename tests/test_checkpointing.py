@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -196,6 +197,46 @@ def test_decay_mask_skips_biases_norms_embeddings():
   }
   decayed = sorted(k for k, v in mask.items() if v)
   assert len(mask) == 5 and decayed == ["['fc']['kernel'].value"], mask
+
+
+def test_fine_tuning_freezes_then_scales_the_restored_trunk_only():
+  # ULMFiT's recipe at two levels: the trunk does not move (not even by weight decay) for the first
+  # freeze_backbone_steps, then learns at backbone_lr_scale x the head's rate; without init_from (the
+  # from-scratch twin) both knobs are ignored.
+  from lstm_attn.training import base_config, check_config
+
+  class M(nnx.Module):
+    def __init__(self, rngs):
+      self.backbone = nnx.Linear(4, 4, rngs=rngs)
+      self.classifier = nnx.Linear(4, 3, rngs=rngs)
+
+  params = nnx.state(M(nnx.Rngs(0)), nnx.Param)
+  grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
+  c = base_config('bert')
+  c.num_classes, c.init_from = 3, '/pretrained'
+  c.optim.update(warmup_steps=0, weight_decay=0.1, freeze_backbone_steps=2, backbone_lr_scale=0.25)
+  c.optim.min_learning_rate = c.optim.learning_rate  # a constant rate: updates comparable step to step
+
+  def updates(config, steps):
+    tx = optim.make_optimizer(config)
+    state, out = tx.init(params), []
+    for _ in range(steps):
+      u, state = tx.update(grads, state, params)
+      out.append({k: float(jnp.abs(v['kernel'].value).sum()) for k, v in u.items()})
+    return out
+
+  fine = updates(c, 3)
+  assert [u['backbone'] for u in fine[:2]] == [0.0, 0.0] and fine[2]['backbone'] > 0
+  assert all(u['classifier'] > 0 for u in fine)
+  scratch = ml_collections.ConfigDict(c.to_dict())
+  scratch.init_from = ''
+  plain = updates(scratch, 3)
+  np.testing.assert_allclose(fine[2]['backbone'], 0.25 * plain[2]['backbone'], rtol=1e-6)
+  np.testing.assert_allclose([u['classifier'] for u in fine], [u['classifier'] for u in plain], rtol=1e-6)
+  bad = ml_collections.ConfigDict(c.to_dict())
+  bad.optim.backbone_lr_scale = 0.0
+  with pytest.raises(ValueError, match='config.optim.backbone_lr_scale'):
+    check_config(bad)
 
 
 def test_schedule_warmup_cosine_floor():

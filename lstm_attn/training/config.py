@@ -91,6 +91,11 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1
   c.optim.decay_embeddings = False  # True: decay embedding tables too (as nanoGPT)
   c.optim.grad_clip_norm = 1.0  # 0: no clipping
+  # Fine-tuning from init_from (ULMFiT): the restored trunk (`init_subtree`) learns at backbone_lr_scale x
+  # the head's rate (discriminative rates), and stays frozen for the first freeze_backbone_steps while the
+  # fresh head learns alone (gradual unfreezing at its coarsest). A from-scratch run ignores both.
+  c.optim.backbone_lr_scale = 1.0
+  c.optim.freeze_backbone_steps = 0
 
   c.sample_tokens = 200  # generated after each eval (generative models); 0: never
   c.sampling = ml_collections.ConfigDict()
@@ -292,6 +297,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         lambda v: v is None or (_num(v) and math.isfinite(v) and v >= 0),
         'a finite number >= 0 (0: no clipping)',
       ),
+      'backbone_lr_scale': (lambda v: _num(v) and math.isfinite(v) and v > 0, 'a finite number > 0'),
+      'freeze_backbone_steps': (lambda v: _int(v) and v >= 0, 'an integer >= 0'),
     },
   )
   _check_section(

@@ -14,6 +14,11 @@ Config fields (`config.optim`):
   decay_embeddings: also decay embedding tables (nanoGPT decays every parameter with >= 2 dimensions,
     its tied token embedding included; default False: embeddings are skipped).
   grad_clip_norm: clip the global gradient norm to this (0 or None: no clipping).
+  backbone_lr_scale, freeze_backbone_steps: fine-tuning from `config.init_from` only: the update of the
+    restored subtree (`config.init_subtree`) is 0 for the first freeze_backbone_steps, then scaled by
+    backbone_lr_scale (ULMFiT's discriminative learning rates and gradual unfreezing, at two levels:
+    trunk and head). Scaling the whole AdamW update scales its weight decay alike: a frozen trunk does
+    not move at all.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Parameter names (any path component, lower case) that never get weight decay: biases, normalisation
@@ -93,4 +99,16 @@ def make_optimizer(config) -> optax.GradientTransformation:
     weight_decay=float(o.weight_decay),
     mask=functools.partial(decay_mask, embeddings=bool(o.decay_embeddings)),
   )
-  return optax.chain(*clip, adamw)
+  trunk = []
+  if config.init_from and (o.backbone_lr_scale != 1 or o.freeze_backbone_steps):
+    frozen, scale = int(o.freeze_backbone_steps), float(o.backbone_lr_scale)
+    trunk_scale = optax.scale_by_schedule(lambda step: jnp.where(step < frozen, 0.0, scale))
+    trunk = [optax.masked(trunk_scale, functools.partial(subtree_mask, subtree=config.init_subtree))]
+  return optax.chain(*clip, adamw, *trunk)
+
+
+def subtree_mask(params, *, subtree: str):
+  """A pytree of bools like `params`: True under the top-level attribute `subtree` ('' : everywhere)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: not subtree or _path_names(path[:1]) == [subtree.lower()], params
+  )
