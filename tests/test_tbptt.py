@@ -197,3 +197,21 @@ def test_a_workdir_saved_before_carried_state_resumes_and_samples(tmp_path):
   c.num_train_steps = 6
   summary = training.train_and_evaluate(c, str(tmp_path))  # resumes from step 4
   assert summary['step'] == 6 and sorted(train_losses(tmp_path)) == list(range(1, 7))
+
+
+def test_hybrid_attention_does_not_cross_a_document_start_inside_the_window():
+  # A document starting at step 6 of a window: the hybrid's logits from there on equal those of the
+  # document alone from a zero carry. (Before, the LSTM restarted but attention still read the previous
+  # document's tokens.)
+  c, steps = _steps('lstm_attn')
+  state = steps.init()
+  model = steps.model(state)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (2, 16)), jnp.int32)
+  resets = np.zeros((2, 16), np.float32)
+  resets[0, 6] = resets[1, 11] = 1.0
+  logits, _, _ = model.train_forward(tokens, carry=steps.zero_carry(2), resets=jnp.asarray(resets))
+  for row, start in ((0, 6), (1, 11)):
+    alone, _, _ = model.train_forward(tokens[row : row + 1, start:], carry=steps.zero_carry(1))
+    assert_close(logits[row : row + 1, start:], alone, what=f'row {row} after its document start')
+  whole, _, _ = model.train_forward(tokens, carry=steps.zero_carry(2))
+  assert float(jnp.abs(whole[0, 6:] - logits[0, 6:]).max()) > 1e-3  # the reset does change them

@@ -101,7 +101,10 @@ class HybridBlock(nnx.Module):
     if self.attn is not None:
       h = self.attn_norm(x)
       if kv_cache is None:
-        y = self.attn(h, is_causal=True, key_value_seq_lengths=seq_lengths)
+        # A document that starts inside the window (resets) is its own segment: attention, like the LSTM,
+        # sees nothing of the one before it. [B, T] ids, one more at every document start.
+        segments = None if resets is None else jnp.cumsum(resets, axis=1, dtype=jnp.int32)
+        y = self.attn(h, is_causal=True, key_value_seq_lengths=seq_lengths, segment_ids=segments)
       else:
         y, new_kv = self.attn(h, is_causal=True, cache=kv_cache)
       x = x + self.drop(y)
@@ -170,7 +173,7 @@ class HybridTrunk(nnx.Module):
     blocks, new HybridCache or None). With a cache, tokens continue the cached sequence (seq_lengths
     unsupported). With a carry (and no cache), the LSTMs continue from it and attention sees this window
     only (truncated BPTT, as SHA-RNN trains without its attention memory). resets [B, T]: the LSTMs
-    restart from zero before those tokens (attention still sees the whole window)."""
+    restart from zero before those tokens, and attention sees only the tokens of the same document."""
     check_tokens(tokens, vocab_size=self.embed.num_embeddings)
     if cache is not None and seq_lengths is not None:
       raise ValueError('seq_lengths is not supported together with a decoding cache; pass one or the other.')
