@@ -1,26 +1,38 @@
-"""Fine-tune the pretrained BERT encoder on the embedded stdlib task (which package is a snippet from?).
+"""Fine-tune a pre-trained model on the embedded stdlib task (which package is a snippet from?).
 
-Pretrain first, then fine-tune (the second run also trains the same classifier from scratch for the same
-budget and prints both accuracies side by side):
+Pre-train, then fine-tune the same family (the second run also trains the same classifier from scratch
+for the same budget and prints both accuracies side by side):
 
     python experiments/train.py --config=experiments/configs/bert_mlm.py --workdir=/tmp/lstm_attn/bert_mlm
     python experiments/train.py --config=experiments/configs/finetune_cls.py \
       --config.init_from=/tmp/lstm_attn/bert_mlm --workdir=/tmp/lstm_attn/finetune_cls
 
-The backbone subtree (`model.backbone`) is restored from the pretraining checkpoint where paths and shapes
-match (listed in `<workdir>/transfer.json`); the classifier head is fresh. The tokenizer is the
-pretraining run's. Set --config.model.name/sizes to fine-tune another pretrained model family (e.g. a
-gpt_char or lstm_char workdir trained on the stdlib), and keep them equal to the pretraining run's.
+`finetune_cls.py:<family>` fine-tunes another family, from the workdir of its pre-training run:
+    gpt        experiments/configs/default.py (the default experiment)
+    bert       experiments/configs/bert_mlm.py (the default family here)
+    lstm_lm    experiments/configs/lstm_stdlib.py:lstm_lm
+    lstm_attn  experiments/configs/lstm_stdlib.py:lstm_attn
+`experiments/transfer_study.py` runs all of them and writes the README's table.
+
+The model sizes here are those pre-training configs' (the trunk is restored where paths and shapes match,
+listed in `<workdir>/transfer.json`; the classifier head is fresh). The tokenizer is the pre-training
+run's.
 """
 
+from lstm_attn.models import MODEL_SPECS
 from lstm_attn.training import base_config
 
 
-def get_config():
-  c = base_config('bert')  # the bert_mlm encoder: width 128, 4 layers, 4 heads, dropout 0.1
-  c.model.max_len = 128
+def get_config(family: str = 'bert'):
+  if family not in MODEL_SPECS:
+    raise ValueError(f'finetune_cls.py:{family}: expected one of {tuple(MODEL_SPECS)} after the colon.')
+  c = base_config(family)
+  if family in ('gpt', 'bert'):
+    c.model.max_len = 128  # default.py / bert_mlm.py
+  if family == 'gpt':
+    c.model.positions = 'rotary'  # default.py
   c.num_classes = 10
-  # c.init_from: the pretraining run's workdir, given on the command line (see the docstring)
+  # c.init_from: the pre-training run's workdir, given on the command line (see the docstring)
   c.compare_from_scratch = True
   c.data.snippets_per_class = (256, 64, 64)
   c.batch_size = 32
