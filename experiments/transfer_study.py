@@ -60,11 +60,17 @@ def _override(config: ml_collections.ConfigDict, assignments) -> None:
     if not sep:
       raise app.UsageError(f'--finetune={item!r}: expected field=value, e.g. optim.learning_rate=1e-4.')
     *parents, leaf = field.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = type(old)(text) if old is not None and not isinstance(old, bool) else json.loads(text)
+    try:
+      node = config
+      for p in parents:
+        node = node[p]
+      old = node[leaf]
+      node[leaf] = type(old)(text) if old is not None and not isinstance(old, bool) else json.loads(text)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      raise app.UsageError(
+        f'--finetune={item!r}: {field!r} is not a field of finetune_cls.py, or {text!r} is not a value '
+        f'for it ({type(e).__name__}); e.g. --finetune=optim.learning_rate=1e-4,num_train_steps=600.'
+      ) from None
 
 
 def study_configs(family: str, workdir: str) -> dict[str, ml_collections.ConfigDict]:
