@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -151,16 +152,27 @@ def _torch_impls(params, x, ct, dtype):
 def _time_rounds(calls, repeats):
   """calls: name -> zero-arg callable (already warm). Interleaves them.
 
-  Returns name -> (median wall seconds, median process CPU seconds over all threads).
+  Returns name -> (median wall seconds, median process CPU seconds over all threads, median MiB of
+  memory first touched (minor page faults x page size): fresh allocations the call paid for).
   """
-  wall, cpu = {name: [] for name in calls}, {name: [] for name in calls}
+  wall, cpu, faults = ({name: [] for name in calls} for _ in range(3))
   for _ in range(repeats):
     for name, call in calls.items():
+      start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start, start_cpu = time.perf_counter(), time.process_time()
       call()
       cpu[name].append(time.process_time() - start_cpu)
       wall[name].append(time.perf_counter() - start)
-  return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
+      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
+  page_mib = resource.getpagesize() / 2**20
+  return {
+    name: (
+      statistics.median(wall[name]),
+      statistics.median(cpu[name]),
+      statistics.median(faults[name]) * page_mib,
+    )
+    for name in calls
+  }
 
 
 def _matmul_peak(dtype):
@@ -255,10 +267,11 @@ def main(argv):
     fb_t = _time_rounds(calls_fb, FLAGS.repeats)
     peak = _matmul_peak(jnp.dtype(dtype))
     for name in calls_fwd:
-      (fwd_s, fwd_cpu), (fb_s, fb_cpu) = fwd_t[name], fb_t[name]
+      (fwd_s, fwd_cpu, fwd_faults), (fb_s, fb_cpu, fb_faults) = fwd_t[name], fb_t[name]
       run = {
         'dtype': dtype, 'implementation': name, 'forward_ms': 1e3 * fwd_s, 'forward_backward_ms': 1e3 * fb_s,
         'forward_cpu_ms': 1e3 * fwd_cpu, 'forward_backward_cpu_ms': 1e3 * fb_cpu,
+        'forward_faulted_mib': fwd_faults, 'forward_backward_faulted_mib': fb_faults,
         'check_rel_l2': checks[name], 'forward_gflops': flops_fwd / fwd_s / 1e9,
         'forward_backward_gflops': 3 * flops_fwd / fb_s / 1e9, 'matmul_peak_gflops': peak,
       }  # fmt: skip
@@ -272,7 +285,7 @@ def main(argv):
 
   header = (
     f'{"dtype":9s} {"implementation":14s} {"fwd ms":>8s} {"fwd+bwd ms":>11s} {"fb/torch":>9s} {"fb/ours":>8s}'
-    f' {"fb GFLOP/s":>11s} {"of peak":>8s} {"fb CPU ms":>10s}'
+    f' {"fb GFLOP/s":>11s} {"of peak":>8s} {"fb CPU ms":>10s} {"faulted MiB fwd/fb":>19s}'
   )
   print(
     f'\nB={batch} T={time_} input={features} hidden={hidden}; medians of {FLAGS.repeats} rounds;', end=' '
@@ -288,6 +301,7 @@ def main(argv):
       f' {vs_torch:>9s} {r.get("forward_backward_vs_ours", float("nan")):8.2f}'
       f' {r["forward_backward_gflops"]:11.1f} {r["forward_backward_gflops"] / r["matmul_peak_gflops"]:8.0%}'
       f' {r["forward_backward_cpu_ms"]:10.1f}'
+      f' {r["forward_faulted_mib"]:9.1f}/{r["forward_backward_faulted_mib"]:<9.1f}'
     )
   if FLAGS.output_json:
     with open(FLAGS.output_json, 'w') as f:
