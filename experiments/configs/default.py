@@ -9,20 +9,12 @@ Rotary positions: val 1.75 bits per byte vs 2.04 with a learned position table, 
 (BUILD_NOTES.md, "gpt_char: rotary positions").
 """
 
-from lstm_attn.training import base_config
+from lstm_attn.training import base_config, stdlib_budget
 
 
 def get_config():
-  c = base_config('gpt')  # width 128, 4 layers, 4 heads (GPTConfig); lr 1e-3 -> 1e-4 after 100 warmup
+  # Width 128, 4 layers, 4 heads (GPTConfig); the stdlib budget: 1500 steps, lr 2e-3 -> 2e-4, 100 warmup.
+  c = stdlib_budget(base_config('gpt'))
   c.model.max_len = 128
   c.model.positions = 'rotary'
-  c.data.max_bytes = 8_000_000
-  c.num_train_steps = 1500
-  c.optim.learning_rate = 2e-3
-  c.optim.min_learning_rate = 2e-4
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.eval_batch_size = 64
-  c.sample_tokens = 300
-  c.sampling.prompt = 'def '
   return c

@@ -12,7 +12,7 @@ bytes. The state is carried across batches (truncated BPTT). Model sizes are the
 head in the last), which `finetune_cls.py` builds too.
 """
 
-from lstm_attn.training import base_config
+from lstm_attn.training import base_config, stdlib_budget
 
 FAMILIES = ('lstm_lm', 'lstm_attn')
 
@@ -20,17 +20,8 @@ FAMILIES = ('lstm_lm', 'lstm_attn')
 def get_config(family: str = 'lstm_lm'):
   if family not in FAMILIES:
     raise ValueError(f'lstm_stdlib.py:{family}: expected one of {FAMILIES} after the colon.')
-  c = base_config(family)
+  c = stdlib_budget(base_config(family))  # default.py's budget, at batch 32
   if family == 'lstm_lm':
     c.model.embed_init = 1.0  # bytes, like characters, need a larger input scale than AWD's 0.1 (lstm_char)
-  c.data.max_bytes = 8_000_000
   c.batch_size = 32
-  c.num_train_steps = 1500
-  c.optim.learning_rate = 2e-3
-  c.optim.min_learning_rate = 2e-4
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.eval_batch_size = 64
-  c.sample_tokens = 300
-  c.sampling.prompt = 'def '
   return c

@@ -1,6 +1,7 @@
 """Training: configs, the jitted steps, the loop, checkpoints, transfer, sampling, metrics, device meshes.
 
-config.py         base_config(model_name) (every field's default), check_config, tiny_shakespeare_budget
+config.py         base_config(model_name) (every field's default), check_config; stdlib_budget and
+                  tiny_shakespeare_budget (the experiments' shared data and token budgets)
 steps.py          losses per objective, build_steps -> Steps (jitted init/train/eval), evaluate
 loop.py           train_and_evaluate(config, workdir): resume, train, evaluate, sample, summary
 inputs.py         corpus -> tokenizer -> batchers, per objective
@@ -13,7 +14,7 @@ metrics.py        progress lines, metrics.jsonl, TensorBoard
 """
 
 from lstm_attn.training.checkpointing import CheckpointError
-from lstm_attn.training.config import base_config, check_config, tiny_shakespeare_budget
+from lstm_attn.training.config import base_config, check_config, stdlib_budget, tiny_shakespeare_budget
 from lstm_attn.training.loop import TrainingDiverged, train_and_evaluate
 from lstm_attn.training.sampling import sample_text
 from lstm_attn.training.steps import Steps, build_steps, evaluate
@@ -28,6 +29,7 @@ __all__ = [
   'check_config',
   'evaluate',
   'sample_text',
+  'stdlib_budget',
   'tiny_shakespeare_budget',
   'train_and_evaluate',
   'transfer_params',

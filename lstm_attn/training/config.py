@@ -128,6 +128,22 @@ def tiny_shakespeare_budget(c: ml_collections.ConfigDict) -> ml_collections.Conf
   return c
 
 
+def stdlib_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The default experiment's data and token budget on the embedded stdlib corpus, shared by the
+  stdlib pre-training configs (default.py, lstm_stdlib.py): 8 MB of source, 1500 steps, lr 2e-3 -> 2e-4,
+  evaluation and checkpoints every 500 steps, 300-byte samples continuing 'def '."""
+  c.data.max_bytes = 8_000_000
+  c.num_train_steps = 1500
+  c.optim.learning_rate = 2e-3
+  c.optim.min_learning_rate = 2e-4
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.eval_batch_size = 64
+  c.sample_tokens = 300
+  c.sampling.prompt = 'def '
+  return c
+
+
 def complete_config(saved: dict) -> ml_collections.ConfigDict:
   """A config saved with a checkpoint, laid over today's `base_config` of its model (saved values win)."""
   name = (saved.get('model') or {}).get('name')
