@@ -20,6 +20,8 @@ also what XLA uses. Default (quick, float32: ours, flax, torch; < 1 min):
   python experiments/bench_lstm.py --output_json=/tmp/bench_lstm.json
 All implementations and bf16:
   python experiments/bench_lstm.py --full --output_json=/tmp/bench_lstm_full.json
+Where ours' forward time goes (projection, recurrent matmuls alone, next to torch.mm doing the latter):
+  python experiments/bench_lstm.py --implementations=ours,torch --breakdown
 One core for everyone (XLA and torch both follow the affinity; no XLA flags needed):
   taskset -c 0 python experiments/bench_lstm.py --output_json=/tmp/bench_lstm_1core.json
 """
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax import lax
 from jax.experimental import rnn as jax_rnn
 
 from lstm_attn import lstm as lstm_lib
@@ -58,6 +61,10 @@ flags.DEFINE_integer('repeats', 5, 'Timed rounds (after one warm-up call); media
 flags.DEFINE_integer('unroll', lstm_lib.DEFAULT_UNROLL, 'lax.scan unroll of ours.')
 flags.DEFINE_integer(
   'torch_threads', 0, 'torch.set_num_threads for torch.nn.LSTM (0: the cores this process may use, as XLA).'
+)
+flags.DEFINE_bool(
+  'breakdown', False, "Also time the parts of ours' forward (input projection, recurrent matmuls alone) "
+  "and torch's recurrent matmuls alone (a Python loop of torch.mm), to show where the time goes."
 )
 flags.DEFINE_string('output_json', None, 'Write the results as JSON here.')
 
@@ -185,6 +192,59 @@ def _matmul_peak(dtype):
   return 2 * 4096 * 768 * 2048 / seconds / 1e9
 
 
+def _breakdown(params, x, dtype, with_torch):
+  """ms and GFLOP/s of the parts of one layer's forward, timed side by side (interleaved rounds).
+
+  projection: x @ W_ih for all steps, one [B * T, F] x [F, 4H] matmul; recurrent_matmuls: T dependent
+  [B, H] x [H, 4H] matmuls in a lax.scan and nothing else (h_t = (xw_t + h_{t-1} @ W_hh)[:, :H]);
+  forward: ours, whole (projection, recurrent matmuls, gates); torch_recurrent_matmuls: the same T
+  matmuls as a Python loop of torch.mm (torch.nn.LSTM runs them inside oneDNN's fused RNN instead).
+  """
+  cdt = jnp.dtype(dtype)
+  batch, time_, features = x.shape
+  hidden = params['w_hh'].shape[1] // 4
+  w_ih, w_hh = params['w_ih'].astype(cdt), params['w_hh'].astype(cdt)
+  x_tm = jnp.swapaxes(x, 0, 1).astype(cdt)  # [T, B, F]
+  project = jax.jit(lambda x, w: (x.reshape(-1, features) @ w).reshape(time_, batch, 4 * hidden))
+  xw = jax.block_until_ready(project(x_tm, w_ih))  # [T, B, 4H]
+
+  def recurrent(xw, w):
+    step = lambda h, z: ((z + h @ w)[:, :hidden], None)
+    return lax.scan(step, jnp.zeros((batch, hidden), cdt), xw)[0]
+
+  recurrent = jax.jit(recurrent)
+  forward = jax.jit(lambda p, x: lstm_lib.lstm({'layer0': p}, x, dtype=cdt, unroll=FLAGS.unroll)[0])
+  calls = {
+    'projection': lambda: jax.block_until_ready(project(x_tm, w_ih)),
+    'recurrent_matmuls': lambda: jax.block_until_ready(recurrent(xw, w_hh)),
+    'forward': lambda: jax.block_until_ready(forward(params, x)),
+  }
+  if with_torch and dtype == 'float32':
+    import torch
+
+    w_t, xw_t = torch.from_numpy(np.asarray(w_hh)), torch.from_numpy(np.asarray(xw))
+
+    def torch_recurrent():
+      h = torch.zeros(batch, hidden)
+      for t in range(time_):
+        h = torch.addmm(xw_t[t], h, w_t)[:, :hidden]
+      return h
+
+    calls['torch_recurrent_matmuls'] = torch_recurrent
+  for call in calls.values():
+    call()
+  times = _time_rounds(calls, FLAGS.repeats)
+  flops = {
+    'projection': 2 * batch * time_ * features * 4 * hidden,
+    'recurrent_matmuls': 2 * batch * time_ * hidden * 4 * hidden,
+    'forward': 2 * batch * time_ * (features + hidden) * 4 * hidden,
+  }
+  flops['torch_recurrent_matmuls'] = flops['recurrent_matmuls']
+  return {
+    name: {'ms': 1e3 * wall, 'gflops': flops[name] / wall / 1e9} for name, (wall, _, _) in times.items()
+  }
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b)) if np.all(np.isfinite(a)) else float('inf')
@@ -282,6 +342,11 @@ def main(argv):
       results['runs'].append(run)
     if torch_version:
       results['torch_version'] = torch_version
+    if FLAGS.breakdown:
+      parts = _breakdown(params, x, dtype, have_torch)
+      results.setdefault('breakdown', {})[dtype] = parts
+      print(f'[{dtype}] forward breakdown (matmul peak {peak:.0f} GFLOP/s): ' + ', '.join(
+        f'{name} {v["ms"]:.1f} ms ({v["gflops"]:.0f} GFLOP/s)' for name, v in parts.items()))
 
   header = (
     f'{"dtype":9s} {"implementation":14s} {"fwd ms":>8s} {"fwd+bwd ms":>11s} {"fb/torch":>9s} {"fb/ours":>8s}'
