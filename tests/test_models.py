@@ -5,6 +5,7 @@ Sizes are tiny and odd on purpose (vocab 13, batch 3, seq 7); every forward is j
 functions so each model shape compiles once.
 """
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -120,8 +121,9 @@ def _bert(graphdef, state, tokens, lengths, positions):
   return mlm, pooled, at_positions
 
 
-def test_bert_looks_both_ways():
-  model = BERT(TINY_BERT, V, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize('positions', ['learned', 'rotary'])
+def test_bert_looks_both_ways(positions):
+  model = BERT(dataclasses.replace(TINY_BERT, positions=positions), V, rngs=nnx.Rngs(0))
   model.eval()
   graphdef, state = nnx.split(model)
   tokens, full = tokens_like(3), jnp.full((B,), T)
@@ -141,6 +143,16 @@ def test_bert_looks_both_ways():
   valid = ~np.asarray(pad)
   assert_close(np.asarray(m2)[valid], np.asarray(m1)[valid], what='bert logits with padding changed')
   assert_close(p2, p1, what='bert [CLS] with padding changed')
+  # Order matters (an encoder without positions is permutation-equivariant: reversed tokens would give
+  # reversed logits). Sharper attention than at init (scaled queries and keys, as training makes it) so
+  # that rotary positions, which act through q.k, show.
+  for block in model.backbone.blocks:
+    block.attn.query.kernel[...] = 30 * block.attn.query.kernel[...]
+    block.attn.key.kernel[...] = 30 * block.attn.key.kernel[...]
+  graphdef, state = nnx.split(model)
+  mlm, _, _ = _bert(graphdef, state, tokens, full, positions)
+  reversed_mlm, _, _ = _bert(graphdef, state, tokens[:, ::-1], full, positions)
+  assert rel_l2_error(reversed_mlm[:, ::-1], mlm) > 1e-3  # without positions: float rounding, ~1e-7
 
 
 @pytest.mark.parametrize('name', sorted(CAUSAL))

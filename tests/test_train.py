@@ -283,7 +283,26 @@ def test_bad_config_values_are_named(tmp_path):
   with pytest.raises(ValueError, match='grad_accum_steps=3'):
     train.train_and_evaluate(c, str(tmp_path / 'accum'))
   assert not (tmp_path / 'accum').exists()  # refused before anything was written
+  c = tiny_config('bert')
+  c.data.mask_rate = 1.5
+  with pytest.raises(ValueError, match='data.mask_rate=1.5'):
+    train.check_config(c)
   c = tiny_config('gpt')
   c.data.path = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError, match='missing.txt'):
     train.train_and_evaluate(c, str(tmp_path / 'b'))
+
+
+def test_mlm_mask_rate_reaches_the_training_batches_not_eval(tmp_path):
+  """config.data.mask_rate sets the share of scored tokens in training; val/test stay at BERT's 15%."""
+  from lstm_attn.training.inputs import make_inputs
+
+  c = tiny_config('bert', **{'data.mask_rate': 0.5})
+  c.batch_size = 32
+  inputs = make_inputs(c, str(tmp_path))
+  special = np.isin(inputs.train.batch(0)['targets'], list(inputs.tokenizer.special_ids))
+  train_rate = inputs.train.batch(0)['weights'][~special].mean()
+  val = next(iter(inputs.eval_batches('val')))
+  val_rate = val['weights'][~np.isin(val['targets'], list(inputs.tokenizer.special_ids))].mean()
+  assert 0.44 < train_rate < 0.56, train_rate
+  assert 0.10 < val_rate < 0.20, val_rate

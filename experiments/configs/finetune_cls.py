@@ -30,8 +30,8 @@ def get_config(family: str = 'bert'):
   c = base_config(family)
   if family in ('gpt', 'bert'):
     c.model.max_len = 128  # default.py / bert_mlm.py
-  if family == 'gpt':
-    c.model.positions = 'rotary'  # default.py
+  if family in ('gpt', 'bert'):
+    c.model.positions = 'rotary'  # default.py / bert_mlm.py
   c.num_classes = 10
   # Mean pooling for every family: the pre-trained LSTM LM's final state gave 0.21 test accuracy where its
   # mean over the snippet gave 0.45 (lr 3e-3, 300 steps; BUILD_NOTES "Pre-training then fine-tuning").

@@ -1,6 +1,7 @@
 """BERT: a bidirectional Transformer encoder with masked-LM and next-sentence-prediction heads, in NNX.
 
-    tokens [B, T], token_type_ids [B, T] -> word + position + token-type embeddings -> LayerNorm -> dropout
+    tokens [B, T], token_type_ids [B, T] -> word + token-type (+ learned position) embeddings -> LayerNorm
+        -> dropout
         -> TransformerBlock x L (post-LN as in BERT, or pre-LN + a final LayerNorm)   = hidden [B, T, d]
     MLM:  gelu(Linear(hidden)) -> LayerNorm -> @ word_embeddings.T + bias           -> [B, T, vocab]
     NSP:  pooler = tanh(Linear(hidden[:, 0]))  ([CLS]) -> Linear(d, 2)              -> [B, 2]
@@ -9,7 +10,7 @@ Attention is non-causal; padding is hidden from every query through key_value_se
 BERT / nanoGPT: Linear and Embed ~ N(0, 0.02), biases 0.
 
 Parameter layout (the pooler is part of the backbone, so fine-tuning on [CLS] reuses it):
-    model.backbone.word_embeddings / position_embeddings / token_type_embeddings / embed_norm
+    model.backbone.word_embeddings / position_embeddings (learned only) / token_type_embeddings / embed_norm
     model.backbone.blocks[i]       lstm_attn.transformer.TransformerBlock
     model.backbone.final_norm      (pre-LN only)
     model.backbone.pooler          Linear(d, d), tanh
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lstm_attn.models.common import TrunkOutput, check_tokens, check_vocab_size, normal_reinit
@@ -46,7 +48,11 @@ class BERTTrunk(nnx.Module):
     self.pre_norm = config.pre_norm
     self.word_embeddings = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs)
     self.features = d_model  # the size of each hidden state the trunk returns
-    self.position_embeddings = nnx.Embed(config.max_len, d_model, dtype=dtype, rngs=rngs)
+    rotary = config.positions == 'rotary'
+    # Learned absolute positions (BERT), or none here and rotary positions inside attention (RoFormer).
+    self.position_embeddings = (
+      None if rotary else nnx.Embed(config.max_len, d_model, dtype=dtype, rngs=rngs)
+    )
     self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d_model, dtype=dtype, rngs=rngs)
     self.embed_norm = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
     self.drop = nnx.Dropout(config.dropout, rngs=rngs)
@@ -58,6 +64,7 @@ class BERTTrunk(nnx.Module):
           config.mlp_width,
           dropout=config.dropout,
           pre_norm=config.pre_norm,
+          rotary=rotary,
           activation=config.activation,
           norm_epsilon=eps,
           implementation=config.attention_impl,
@@ -75,7 +82,7 @@ class BERTTrunk(nnx.Module):
     """tokens, token_type_ids [B, T] int (types default to 0) -> TrunkOutput(hidden [B, T, d_model])."""
     check_tokens(tokens, vocab_size=self.word_embeddings.num_embeddings)
     batch, seq = tokens.shape
-    if seq > self.max_len:
+    if self.position_embeddings is not None and seq > self.max_len:  # rotary positions extrapolate
       raise ValueError(f'tokens has {seq} positions but the position table has max_len={self.max_len}.')
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(tokens)
@@ -85,14 +92,13 @@ class BERTTrunk(nnx.Module):
       )
     else:
       check_tokens(token_type_ids, 'token_type_ids', vocab_size=self.type_vocab_size)
-    x = (
-      self.word_embeddings(tokens)
-      + self.position_embeddings(jnp.arange(seq))[None]
-      + self.token_type_embeddings(token_type_ids)
-    )  # [B, T, d]
+    x = self.word_embeddings(tokens) + self.token_type_embeddings(token_type_ids)  # [B, T, d]
+    positions = np.arange(seq, dtype=np.int32)  # NumPy: constant rotary tables
+    if self.position_embeddings is not None:
+      x = x + self.position_embeddings(positions)[None]
     x = self.drop(self.embed_norm(x))
     for block in self.blocks:
-      x = block(x, is_causal=False, key_value_seq_lengths=seq_lengths)
+      x = block(x, is_causal=False, key_value_seq_lengths=seq_lengths, positions=positions)
     if self.final_norm is not None:
       x = self.final_norm(x)
     return TrunkOutput(x)

@@ -235,6 +235,9 @@ class BERTConfig(ModelConfig):
   mlp_hidden: int | None = None
   max_len: int = 256
   type_vocab_size: int = 2
+  # 'learned': BERT's absolute position table; 'rotary': RoFormer's rotary positions inside attention
+  # (no table): a byte-level MLM learns to read its neighbours far sooner (BUILD_NOTES, issue 13).
+  positions: str = 'learned'
   dropout: float = 0.1
   pre_norm: bool = False
   activation: str = 'gelu'
@@ -245,6 +248,12 @@ class BERTConfig(ModelConfig):
     super().__post_init__()
     self._positive('d_model', 'num_layers', 'num_heads', 'max_len', 'type_vocab_size', 'mlp_hidden')
     self._heads_divide()
+    self._choice('positions', POSITIONS)
+    if self.positions == 'rotary' and (self.d_model // self.num_heads) % 2:
+      raise ValueError(
+        f"config.model.positions='rotary' needs an even head size, got config.model.d_model // "
+        f'config.model.num_heads = {self.d_model} // {self.num_heads} = {self.d_model // self.num_heads}.'
+      )
     self._choice('activation', sorted(ACTIVATIONS))
     self._rates('dropout')
     self._require(self.norm_epsilon > 0, 'norm_epsilon', 'a positive float')

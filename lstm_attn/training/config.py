@@ -51,6 +51,9 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   # (required by carry_state; without it each window starts from a zero LSTM state either way).
   c.data.mode = 'sequential' if model_spec(model_name).carries_state else 'random'
   c.data.snippets_per_class = (512, 64, 64)  # classification only: (train, val, test) per class
+  # MLM pre-training only: the share of tokens the loss scores (BERT: 0.15; Wettig et al. 2022, "Should
+  # You Mask 15% in Masked Language Modeling?": 0.4 trains small budgets faster).
+  c.data.mask_rate = 0.15
 
   # Truncated BPTT (AWD-LSTM, SHA-RNN): the batch is `batch_size` contiguous streams of the corpus and each
   # step starts from the previous step's final LSTM state; evaluation reads each split as one stream.
@@ -259,6 +262,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'set --config.carry_state=False (families that carry state: '
       f'{sorted(n for n, s in MODEL_SPECS.items() if s.carries_state)}).'
     )
+  mask_rate = config.data.get('mask_rate', 0.15)
+  _need(
+    isinstance(mask_rate, (int, float)) and not isinstance(mask_rate, bool) and 0 < mask_rate < 1,
+    'data.mask_rate', mask_rate, 'a number in (0, 1) (the share of tokens masked for MLM)',
+  )
   if config.carry_state and config.data.mode != 'sequential' and not num_classes:
     raise ValueError(
       f'config.carry_state=True reads the corpus as contiguous streams, but config.data.mode='

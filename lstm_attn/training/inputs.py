@@ -188,14 +188,18 @@ def make_inputs(config, workdir: str) -> Inputs:
   n_eval = config.eval_batches
   splits = ('val', 'test') if not corpus.info.get('test_is_val', False) else ('val',)
   if model_spec(config.model.name).objective == 'mlm':
+    mask_rate = float(config.data.get('mask_rate', 0.15))
     with _fitting(config):
-      train = _TrainBatcher(batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok), config)
+      train = _TrainBatcher(
+        batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok, mask_rate=mask_rate),
+        config,
+      )
     eval_batchers = {}
     for i, s in enumerate(splits):
       with _fitting(config, s):
         eval_batchers[s] = batching.BertBatcher(
           corpus.documents(s), ebs, seq_len, seed=seed + 1000 + i, tokenizer=tok
-        )
+        )  # BERT's 15% whatever the training rate: val/test MLM losses compare across runs
 
     def eval_fn(split):
       b = eval_batchers[split]
