@@ -2,8 +2,8 @@
 
     python experiments/train.py --config=experiments/configs/bert_mlm.py --workdir=/tmp/lstm_attn/bert_mlm
 
-Byte tokenizer, 4 layers of width 128, sequences of 128 bytes ([CLS] A [SEP] B [SEP]). Its workdir is what
-`finetune_cls` restores its encoder from (`--config.init_from`).
+Byte tokenizer, 4 layers of width 128, rotary positions, sequences of 128 bytes ([CLS] A [SEP] B [SEP]).
+Its workdir is what `finetune_cls` restores its encoder from (`--config.init_from`).
 """
 
 from lstm_attn.training import base_config
