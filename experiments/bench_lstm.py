@@ -63,8 +63,10 @@ flags.DEFINE_integer(
   'torch_threads', 0, 'torch.set_num_threads for torch.nn.LSTM (0: the cores this process may use, as XLA).'
 )
 flags.DEFINE_bool(
-  'breakdown', False, "Also time the parts of ours' forward (input projection, recurrent matmuls alone) "
-  "and torch's recurrent matmuls alone (a Python loop of torch.mm), to show where the time goes."
+  'breakdown',
+  False,
+  "Also time the parts of ours' forward (input projection, recurrent matmuls alone) "
+  "and torch's recurrent matmuls alone (a Python loop of torch.mm), to show where the time goes.",
 )
 flags.DEFINE_string('output_json', None, 'Write the results as JSON here.')
 
@@ -345,8 +347,10 @@ def main(argv):
     if FLAGS.breakdown:
       parts = _breakdown(params, x, dtype, have_torch)
       results.setdefault('breakdown', {})[dtype] = parts
-      print(f'[{dtype}] forward breakdown (matmul peak {peak:.0f} GFLOP/s): ' + ', '.join(
-        f'{name} {v["ms"]:.1f} ms ({v["gflops"]:.0f} GFLOP/s)' for name, v in parts.items()))
+      print(
+        f'[{dtype}] forward breakdown (matmul peak {peak:.0f} GFLOP/s): '
+        + ', '.join(f'{name} {v["ms"]:.1f} ms ({v["gflops"]:.0f} GFLOP/s)' for name, v in parts.items())
+      )
 
   header = (
     f'{"dtype":9s} {"implementation":14s} {"fwd ms":>8s} {"fwd+bwd ms":>11s} {"fb/torch":>9s} {"fb/ours":>8s}'

@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 from train_tiny import compilation_cache, final_params, tiny_config, train_losses
 
 from lstm_attn import training as train
+from lstm_attn.data import batching
 from lstm_attn.models import build_model
 from lstm_attn.training import checkpointing
 from lstm_attn.training import inputs as train_inputs
@@ -163,6 +164,12 @@ def test_bert_pretraining_then_finetuning_with_transfer_report(tmp_path):
   pre = tiny_config('bert', steps=2, seed=1)  # another seed than the fine-tuning run's fresh init
   s = train.train_and_evaluate(pre, str(tmp_path / 'bert'))
   assert math.isfinite(s['val_loss']) and 0.0 <= s['val_nsp_accuracy'] <= 1.0
+  # experiments/probe_mlm.py reads the run back: three accuracies, and a refusal of a non-MLM run.
+  probe_mlm = _experiment('probe_mlm')
+  _, tok, model = probe_mlm.load_mlm(str(tmp_path / 'bert'))
+  batch = batching.MLMBatcher(np.arange(500) % 200, 8, 32, tokenizer=tok).batch(0)
+  scores = probe_mlm.probe(model, tok, batch, np.random.default_rng(0))
+  assert set(scores) == {'intact', 'shuffled', 'no_context'} and all(0 <= v <= 1 for v in scores.values())
   ft = tiny_config(
     'bert', steps=2, num_classes=10, init_from=str(tmp_path / 'bert'), compare_from_scratch=True
   )
@@ -171,6 +178,8 @@ def test_bert_pretraining_then_finetuning_with_transfer_report(tmp_path):
   assert report['restored'] and all(p.startswith('backbone/') for p in report['restored'])
   assert all(p.startswith('classifier/') for p in report['fresh']) and report['fresh']
   assert 0.0 <= out['val_accuracy'] <= 1.0 and 0.0 <= out['from_scratch']['val_accuracy'] <= 1.0
+  with pytest.raises(ValueError, match='not a BERT MLM pre-training run'):
+    probe_mlm.load_mlm(str(tmp_path / 'ft'))
   table = json.load(open(tmp_path / 'ft' / 'transfer_comparison.json'))
   assert set(table) == {'pretrained init', 'from scratch'}
   # The pretrained backbone weights really arrived: the finetuned checkpoint's embeddings moved from them
@@ -306,3 +315,15 @@ def test_mlm_mask_rate_reaches_the_training_batches_not_eval(tmp_path):
   val_rate = val['weights'][~np.isin(val['targets'], list(inputs.tokenizer.special_ids))].mean()
   assert 0.44 < train_rate < 0.56, train_rate
   assert 0.10 < val_rate < 0.20, val_rate
+
+
+def _experiment(name):
+  """experiments/<name>.py as a module (the scripts are not a package)."""
+  import importlib.util
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(repo, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'_experiment_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

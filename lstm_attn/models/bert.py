@@ -50,9 +50,7 @@ class BERTTrunk(nnx.Module):
     self.features = d_model  # the size of each hidden state the trunk returns
     rotary = config.positions == 'rotary'
     # Learned absolute positions (BERT), or none here and rotary positions inside attention (RoFormer).
-    self.position_embeddings = (
-      None if rotary else nnx.Embed(config.max_len, d_model, dtype=dtype, rngs=rngs)
-    )
+    self.position_embeddings = None if rotary else nnx.Embed(config.max_len, d_model, dtype=dtype, rngs=rngs)
     self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d_model, dtype=dtype, rngs=rngs)
     self.embed_norm = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
     self.drop = nnx.Dropout(config.dropout, rngs=rngs)

@@ -265,7 +265,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   mask_rate = config.data.get('mask_rate', 0.15)
   _need(
     isinstance(mask_rate, (int, float)) and not isinstance(mask_rate, bool) and 0 < mask_rate < 1,
-    'data.mask_rate', mask_rate, 'a number in (0, 1) (the share of tokens masked for MLM)',
+    'data.mask_rate',
+    mask_rate,
+    'a number in (0, 1) (the share of tokens masked for MLM)',
   )
   if config.carry_state and config.data.mode != 'sequential' and not num_classes:
     raise ValueError(
