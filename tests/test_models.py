@@ -409,6 +409,9 @@ def _config(name, **fields):
     ('bert', dict(type_vocab_size=0), 'type_vocab_size'),
     ('bert', dict(norm_epsilon=0.0), 'norm_epsilon'),
     ('bert', dict(num_layers=0), 'num_layers'),
+    ('bert', dict(positions='alibi'), 'positions'),
+    ('bert', dict(positions='rotary', d_model=12, num_heads=4), 'positions'),  # odd head size 3
+    ('gpt', dict(positions='rotary', d_model=12, num_heads=4), 'positions'),
   ],
 )
 def test_bad_config_values_name_the_field(name, fields, field):

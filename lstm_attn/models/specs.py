@@ -97,6 +97,15 @@ class ModelConfig:
       d_model % self.num_heads == 0, 'num_heads', f'a divisor of config.model.{d_field}={d_model}'
     )
 
+  def _positions(self):
+    """`positions` is one of POSITIONS; rotary needs an even head size (it rotates pairs of features)."""
+    self._choice('positions', POSITIONS)
+    if self.positions == 'rotary' and (self.d_model // self.num_heads) % 2:
+      raise ValueError(
+        f"config.model.positions='rotary' needs an even head size, got config.model.d_model // "
+        f'config.model.num_heads = {self.d_model} // {self.num_heads} = {self.d_model // self.num_heads}.'
+      )
+
   def _choice(self, field: str, choices, *, none_ok: bool = False):
     value = getattr(self, field)
     ok = (none_ok and value is None) or value in choices
@@ -209,12 +218,7 @@ class GPTConfig(ModelConfig):
       'num_kv_heads',
       f'None or a divisor of config.model.num_heads={self.num_heads}',
     )
-    self._choice('positions', POSITIONS)
-    if self.positions == 'rotary' and (self.d_model // self.num_heads) % 2:
-      raise ValueError(
-        f"config.model.positions='rotary' needs an even head size, got config.model.d_model // "
-        f'config.model.num_heads = {self.d_model} // {self.num_heads} = {self.d_model // self.num_heads}.'
-      )
+    self._positions()
     self._choice('activation', sorted(ACTIVATIONS))
     self._rates('dropout')
     self._choice('attention_impl', IMPLEMENTATIONS, none_ok=True)
@@ -248,12 +252,7 @@ class BERTConfig(ModelConfig):
     super().__post_init__()
     self._positive('d_model', 'num_layers', 'num_heads', 'max_len', 'type_vocab_size', 'mlp_hidden')
     self._heads_divide()
-    self._choice('positions', POSITIONS)
-    if self.positions == 'rotary' and (self.d_model // self.num_heads) % 2:
-      raise ValueError(
-        f"config.model.positions='rotary' needs an even head size, got config.model.d_model // "
-        f'config.model.num_heads = {self.d_model} // {self.num_heads} = {self.d_model // self.num_heads}.'
-      )
+    self._positions()
     self._choice('activation', sorted(ACTIVATIONS))
     self._rates('dropout')
     self._require(self.norm_epsilon > 0, 'norm_epsilon', 'a positive float')
