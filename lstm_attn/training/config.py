@@ -51,8 +51,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   # (required by carry_state; without it each window starts from a zero LSTM state either way).
   c.data.mode = 'sequential' if model_spec(model_name).carries_state else 'random'
   c.data.snippets_per_class = (512, 64, 64)  # classification only: (train, val, test) per class
-  # MLM pre-training only: the share of tokens the loss scores (BERT: 0.15; Wettig et al. 2022, "Should
-  # You Mask 15% in Masked Language Modeling?": 0.4 trains small budgets faster).
+  # MLM pre-training only: the share of tokens masked and scored (BERT: 0.15; Wettig et al. 2022 found 0.4
+  # better for their models; for bert_mlm.py it was no better at step 250: BUILD_NOTES). Eval uses 0.15.
   c.data.mask_rate = 0.15
 
   # Truncated BPTT (AWD-LSTM, SHA-RNN): the batch is `batch_size` contiguous streams of the corpus and each
