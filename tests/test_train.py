@@ -170,6 +170,15 @@ def test_bert_pretraining_then_finetuning_with_transfer_report(tmp_path):
   batch = batching.MLMBatcher(np.arange(500) % 200, 8, 32, tokenizer=tok).batch(0)
   scores = probe_mlm.probe(model, tok, batch, np.random.default_rng(0))
   assert set(scores) == {'intact', 'shuffled', 'no_context'} and all(0 <= v <= 1 for v in scores.values())
+
+  # A model that predicts each position's own input token: shuffling or masking the context must leave the
+  # masked positions as they were, so all three scores equal the share of masked inputs kept as the target.
+  def echo(tokens, token_type_ids, *, seq_lengths):
+    return jax.nn.one_hot(tokens, tok.vocab_size), None
+
+  kept = float(((batch['inputs'] == batch['targets']) * batch['weights']).sum() / batch['weights'].sum())
+  echo_scores = probe_mlm.probe(echo, tok, batch, np.random.default_rng(0))
+  assert 0 < kept < 1 and echo_scores == pytest.approx({'intact': kept, 'shuffled': kept, 'no_context': kept})
   ft = tiny_config(
     'bert', steps=2, num_classes=10, init_from=str(tmp_path / 'bert'), compare_from_scratch=True
   )
