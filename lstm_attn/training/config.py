@@ -262,9 +262,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'set --config.carry_state=False (families that carry state: '
       f'{sorted(n for n, s in MODEL_SPECS.items() if s.carries_state)}).'
     )
-  mask_rate = config.data.get('mask_rate', 0.15)
+  mask_rate = config.data.mask_rate
   _need(
-    isinstance(mask_rate, (int, float)) and not isinstance(mask_rate, bool) and 0 < mask_rate < 1,
+    _num(mask_rate) and 0 < mask_rate < 1,
     'data.mask_rate',
     mask_rate,
     'a number in (0, 1) (the share of tokens masked for MLM)',

@@ -188,7 +188,7 @@ def make_inputs(config, workdir: str) -> Inputs:
   n_eval = config.eval_batches
   splits = ('val', 'test') if not corpus.info.get('test_is_val', False) else ('val',)
   if model_spec(config.model.name).objective == 'mlm':
-    mask_rate = float(config.data.get('mask_rate', 0.15))
+    mask_rate = float(config.data.mask_rate)
     with _fitting(config):
       train = _TrainBatcher(
         batching.BertBatcher(corpus.train, bs, seq_len, seed=seed, tokenizer=tok, mask_rate=mask_rate),
