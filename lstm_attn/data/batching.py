@@ -114,12 +114,29 @@ class LMBatcher(_Batcher):
     1 where a carried state must restart: the first step of an epoch (every lane starts over) and the
     first token of every document (`doc_starts`: token positions where a document begins).
 
+  Randomised BPTT lengths (AWD-LSTM; sequential mode only): with `bptt_half_prob` > 0 or `bptt_std` > 0
+  each step reads a window of `length` tokens per lane, length ~ N(base, bptt_std) rounded and clipped to
+  [min(5, seq_len), seq_len] with base = seq_len // 2 with probability bptt_half_prob, else seq_len, so the
+  truncation points move from epoch to epoch. The arrays stay [batch, seq_len] (one compiled step): the
+  batch also holds seq_lengths [B] int32 (= length in every lane) and weights [B, T] float32 (1 on the
+  first `length` targets), and tokens past `length` are padding (the next window starts right after the
+  last valid one). AWD-LSTM lets a length exceed its bptt; here seq_len is the longest window. The lengths
+  of an epoch come from their own counter-based RNG, so batch(i) is still a pure function of (seed, i).
   """
 
   _stream = 1
 
   def __init__(
-    self, tokens, batch_size: int, seq_len: int, *, seed: int = 0, mode: str = 'random', doc_starts=None
+    self,
+    tokens,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    mode: str = 'random',
+    doc_starts=None,
+    bptt_half_prob: float = 0.0,
+    bptt_std: float = 0.0,
   ):
     super().__init__(seed)
     self.tokens = _as_tokens(tokens)
@@ -142,33 +159,87 @@ class LMBatcher(_Batcher):
         f'mode (need at least batch_size * seq_len + 1 = {self.batch_size * self.seq_len + 1})'
       )
     self._offsets = np.arange(self.seq_len + 1)  # [seq_len + 1]
+    self.bptt_half_prob = check_rate('bptt_half_prob', bptt_half_prob, closed=True)
+    if not isinstance(bptt_std, (int, float, np.number)) or not 0 <= bptt_std < float('inf'):
+      raise ValueError(f'bptt_std must be a finite number >= 0 (0: no jitter), got {bptt_std!r}')
+    self.bptt_std = float(bptt_std)
+    self.random_bptt = self.bptt_half_prob > 0 or self.bptt_std > 0
+    if self.random_bptt and mode != 'sequential':
+      raise ValueError(
+        f'bptt_half_prob={bptt_half_prob!r}, bptt_std={bptt_std!r}: randomised BPTT lengths need '
+        f"mode='sequential' (got {mode!r}), or set both to 0"
+      )
+    self._epoch_ends = []  # random_bptt: cumulative number of steps at the end of each epoch so far
+    self._plans = {}  # random_bptt: epoch -> (window offsets, lengths), the last few epochs
 
   def _identity(self):
-    return {
+    identity = {
       'num_tokens': len(self.tokens),
       'batch_size': self.batch_size,
       'seq_len': self.seq_len,
       'mode': LM_MODES.index(self.mode),
     }
+    if self.random_bptt:  # as ints (a checkpoint holds ints): parts per million, thousandths
+      identity['bptt_half_prob_ppm'] = round(self.bptt_half_prob * 1e6)
+      identity['bptt_std_milli'] = round(self.bptt_std * 1e3)
+    return identity
+
+  def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """random_bptt: (offsets, lengths) of the windows one epoch reads, in every lane (AWD-LSTM's rule)."""
+    if epoch not in self._plans:
+      rng = np.random.default_rng((self.seed, self._stream, int(epoch), 1))  # not any step's (seed, 1, i)
+      shortest = min(5, self.seq_len)
+      n = self._lane_len // shortest + 1  # more windows than can fit in a lane
+      base = np.where(rng.random(n) < self.bptt_half_prob, max(self.seq_len // 2, 1), self.seq_len)
+      lengths = rng.normal(base, self.bptt_std) if self.bptt_std else base
+      lengths = np.clip(np.rint(lengths), shortest, self.seq_len).astype(np.int64)
+      ends = np.cumsum(lengths)
+      fit = int(np.searchsorted(ends, self._lane_len, side='right'))  # windows with end <= lane length
+      if len(self._plans) >= 4:
+        self._plans.pop(next(iter(self._plans)))
+      self._plans[epoch] = (ends[:fit] - lengths[:fit], lengths[:fit])
+    return self._plans[epoch]
+
+  def _locate(self, step: int) -> tuple[int, int]:
+    """(epoch, index of the step within it)."""
+    step = int(step)
+    if not self.random_bptt:
+      return step // self.steps_per_epoch, step % self.steps_per_epoch
+    while not self._epoch_ends or self._epoch_ends[-1] <= step:
+      done = self._epoch_ends[-1] if self._epoch_ends else 0
+      self._epoch_ends.append(done + len(self._plan(len(self._epoch_ends))[0]))
+    epoch = int(np.searchsorted(self._epoch_ends, step, side='right'))
+    return epoch, step - (self._epoch_ends[epoch - 1] if epoch else 0)
 
   def epoch(self, step: int) -> int:
     """The epoch a step reads from (sequential mode; random mode counts epochs of len(tokens) tokens)."""
     if self.mode == 'sequential':
-      return int(step) // self.steps_per_epoch
+      return self._locate(step)[0]
     return int(step) * self.batch_size * self.seq_len // len(self.tokens)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
+    length = self.seq_len
     if self.mode == 'random':
       starts = self._rng(step).integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
     else:
-      k = int(step) % self.steps_per_epoch
-      starts = np.arange(self.batch_size) * self._lane_len + k * self.seq_len
-    windows = self.tokens[starts[:, None] + self._offsets]  # [batch, seq_len + 1]
+      epoch, k = self._locate(step)
+      offset = k * self.seq_len
+      if self.random_bptt:
+        offsets, lengths = self._plan(epoch)
+        offset, length = int(offsets[k]), int(lengths[k])
+      starts = np.arange(self.batch_size) * self._lane_len + offset
+    # Past `length` (random BPTT) a window may run beyond the stream's end: those tokens are padding.
+    index = np.minimum(starts[:, None] + self._offsets, len(self.tokens) - 1)  # [batch, seq_len + 1]
+    windows = self.tokens[index]
     batch = {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
     if self.mode == 'sequential':
-      resets = self._doc_start[starts[:, None] + self._offsets[:-1]]  # [batch, seq_len]
+      valid = self._offsets[:-1] < length  # [seq_len]
+      resets = self._doc_start[index[:, :-1]] & valid  # [batch, seq_len]; none in the padding
       resets[:, 0] |= k == 0
       batch['resets'] = resets.astype(np.float32)
+      if self.random_bptt:
+        batch['seq_lengths'] = np.full(self.batch_size, length, np.int32)
+        batch['weights'] = np.broadcast_to(valid, resets.shape).astype(np.float32)
     return batch
 
 

@@ -225,10 +225,10 @@ class LSTMAttentionLM(nnx.Module):
   def __call__(self, tokens, *, seq_lengths=None):
     return self.logits_from_hidden(self.backbone(tokens, seq_lengths=seq_lengths).hidden)
 
-  def train_forward(self, tokens, *, carry: LSTMCarry | None = None, resets=None):
+  def train_forward(self, tokens, *, carry: LSTMCarry | None = None, resets=None, seq_lengths=None):
     """(logits, final carry, penalty) for the training loss; the hybrid adds no penalty (AR/TAR are the
-    LSTM LM's)."""
-    out = self.backbone(tokens, carry=carry, resets=resets)
+    LSTM LM's). seq_lengths [B]: the carry is the state after each row's last valid token."""
+    out = self.backbone(tokens, seq_lengths=seq_lengths, carry=carry, resets=resets)
     logits, final = self.logits_from_hidden(out.hidden), out.state
     return logits, final, jnp.zeros((), jnp.float32)
 

@@ -153,17 +153,33 @@ class LSTMLM(nnx.Module):
   ) -> Array:
     return self.forward(tokens, seq_lengths=seq_lengths, carry=carry)[0]
 
-  def train_forward(self, tokens: Array, *, carry: LSTMCarry | None = None, resets: Array | None = None):
+  def train_forward(
+    self,
+    tokens: Array,
+    *,
+    carry: LSTMCarry | None = None,
+    resets: Array | None = None,
+    seq_lengths: Array | None = None,
+  ):
     """(logits [B, T, vocab], final carry, AR + TAR penalty) for the training loss (Merity et al. 2017):
     AR = activation_reg * mean(dropped last-layer outputs ** 2), TAR = temporal_activation_reg *
-    mean((raw_t - raw_{t-1}) ** 2) over the undropped ones; means over every element, as AWD-LSTM."""
-    out, raw = self.backbone.run(tokens, carry=carry, resets=resets)
+    mean((raw_t - raw_{t-1}) ** 2) over the undropped ones; means over every element, as AWD-LSTM.
+    With seq_lengths [B] the means are over the valid steps (and step pairs) only."""
+    out, raw = self.backbone.run(tokens, carry=carry, resets=resets, seq_lengths=seq_lengths)
+    time, width = raw.shape[1], raw.shape[2]
+    valid = jnp.ones(raw.shape[:2], jnp.float32)  # [B, T]
+    if seq_lengths is not None:
+      valid = (jnp.arange(time)[None, :] < seq_lengths[:, None]).astype(jnp.float32)
+
+    def masked_mean_square(x, w):  # x [B, t, width], w [B, t]
+      total = jnp.sum(jnp.square(x.astype(jnp.float32)) * w[..., None])
+      return total / jnp.maximum(jnp.sum(w) * width, 1.0)
+
     penalty = jnp.zeros((), jnp.float32)
     if self.activation_reg:
-      penalty += self.activation_reg * jnp.mean(jnp.square(out.hidden.astype(jnp.float32)))
-    if self.temporal_activation_reg and raw.shape[1] > 1:
-      step = (raw[:, 1:] - raw[:, :-1]).astype(jnp.float32)  # [B, T-1, width]
-      penalty += self.temporal_activation_reg * jnp.mean(jnp.square(step))
+      penalty += self.activation_reg * masked_mean_square(out.hidden, valid)
+    if self.temporal_activation_reg and time > 1:
+      penalty += self.temporal_activation_reg * masked_mean_square(raw[:, 1:] - raw[:, :-1], valid[:, 1:])
     return self.logits_from_hidden(out.hidden), out.state, penalty
 
   def zero_carry(self, batch_size: int, dtype=jnp.float32) -> LSTMCarry:

@@ -59,6 +59,11 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   # step starts from the previous step's final LSTM state; evaluation reads each split as one stream.
   # On by default for the families that carry state (lstm_lm, lstm_attn); data.mode is then sequential.
   c.carry_state = model_spec(model_name).carries_state
+  # AWD-LSTM's randomised BPTT length (with carry_state): each step's window is seq_len // 2 with
+  # probability bptt_half_prob (AWD: 0.05) else seq_len, jittered by N(0, bptt_std) (AWD: 5) and clipped
+  # to [5, seq_len]; the update is scaled by length / seq_len (AWD scales its learning rate so). 0, 0: off.
+  c.data.bptt_half_prob = 0.0
+  c.data.bptt_std = 0.0
   c.num_train_steps = 1000
   c.batch_size = 16
   c.grad_accum_steps = 1
@@ -273,6 +278,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f'config.carry_state=True reads the corpus as contiguous streams, but config.data.mode='
       f'{config.data.mode!r}: set --config.data.mode=sequential, or --config.carry_state=False.'
+    )
+  half_prob, bptt_std = config.data.bptt_half_prob, config.data.bptt_std
+  _need(_num(half_prob) and 0 <= half_prob <= 1, 'data.bptt_half_prob', half_prob, 'a probability in [0, 1]')
+  _need(
+    _num(bptt_std) and math.isfinite(bptt_std) and bptt_std >= 0,
+    'data.bptt_std',
+    bptt_std,
+    'a finite number >= 0 (0: no jitter)',
+  )
+  if (half_prob or bptt_std) and not (config.carry_state and not num_classes):
+    raise ValueError(
+      f'config.data.bptt_half_prob={half_prob!r} / config.data.bptt_std={bptt_std!r} randomise the '
+      'truncated-BPTT window, which only a language model with config.carry_state=True has: set both to 0, '
+      'or train an LSTM family with --config.carry_state=True.'
     )
   if config.compare_from_scratch and not config.init_from:
     raise ValueError(

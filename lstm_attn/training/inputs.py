@@ -140,6 +140,11 @@ class _TrainBatcher:
     'mode': 'config.data.mode',
     'seed': 'config.seed',
   }
+  # Randomised BPTT (saved only when on): batcher state key -> (config field, scale of the saved int).
+  _BPTT = {
+    'bptt_half_prob_ppm': ('config.data.bptt_half_prob', 1e6),
+    'bptt_std_milli': ('config.data.bptt_std', 1e3),
+  }
 
   def __init__(self, batcher, config):
     self._batcher = batcher
@@ -149,8 +154,17 @@ class _TrainBatcher:
     return getattr(self._batcher, name)
 
   def restore(self, state) -> None:
-    for key, now in self._batcher.state().items():
-      if key == 'step' or key not in state or int(np.asarray(state[key])) == now:
+    ours = self._batcher.state()
+    for key, (field, scale) in self._BPTT.items():
+      saved = int(np.asarray(state[key])) / scale if key in state else 0.0
+      now = ours.get(key, 0) / scale
+      if saved != now:
+        raise ValueError(
+          f'{field} was {saved:g} when the checkpoint was saved and is {now:g} now: resume with '
+          f'{field}={saved:g}, or start this config in a fresh --workdir.'
+        )
+    for key, now in ours.items():
+      if key in self._BPTT or key == 'step' or key not in state or int(np.asarray(state[key])) == now:
         continue
       saved = int(np.asarray(state[key]))
       if key == 'mode':
@@ -214,7 +228,14 @@ def make_inputs(config, workdir: str) -> Inputs:
     ids[s], doc_starts[s] = _encode(tok, corpus, s) if contiguous else (_encode_text(tok, corpus, s), None)
   with _fitting(config):
     lm_batcher = batching.LMBatcher(
-      ids['train'], bs, seq_len, seed=seed, mode=config.data.mode, doc_starts=doc_starts['train']
+      ids['train'],
+      bs,
+      seq_len,
+      seed=seed,
+      mode=config.data.mode,
+      doc_starts=doc_starts['train'],
+      bptt_half_prob=float(config.data.bptt_half_prob),
+      bptt_std=float(config.data.bptt_std),
     )
     train = _TrainBatcher(lm_batcher, config)
   chars, nbytes = {}, {}

@@ -111,7 +111,8 @@ def model_loss(model, batch: dict, objective: str, carry=None):
 
   lm:  inputs [B, T], targets [B, T] (inputs shifted by one), optional weights [B, T] (0 on padding);
        with a carry (truncated BPTT), resets [B, T] (1: the state restarts before that token: a stream
-       wrapped or a document starts; the LSTMs zero it in-step, lstm_attn.lstm's `resets`).
+       wrapped or a document starts; the LSTMs zero it in-step, lstm_attn.lstm's `resets`), and with
+       randomised BPTT lengths seq_lengths [B] (the carry is the state after the last valid token).
   mlm: inputs (masked) [B, T], targets [B, T], weights [B, T] (1 where predicted), token_type_ids [B, T],
        seq_lengths [B], nsp_labels [B].
   cls: inputs [B, T], seq_lengths [B], labels [B], optional weights [B] and token_type_ids [B, T].
@@ -120,8 +121,10 @@ def model_loss(model, batch: dict, objective: str, carry=None):
     # The LSTM families: continue the carry (if the run carries one; cut from the last step's graph:
     # truncated BPTT) and add AR/TAR (the LSTM LM's).
     start = None if carry is None else jax.lax.stop_gradient(carry)
-    resets = None if carry is None else batch.get('resets')
-    logits, final, penalty = model.train_forward(batch['inputs'], carry=start, resets=resets)  # [B, T, V]
+    resets, lengths = (None, None) if carry is None else (batch.get('resets'), batch.get('seq_lengths'))
+    logits, final, penalty = model.train_forward(
+      batch['inputs'], carry=start, resets=resets, seq_lengths=lengths
+    )  # [B, T, V]
     mean, sums = next_token_loss(logits, batch['targets'], batch.get('weights'))
     return mean + penalty, {**sums, 'penalty': penalty}, None if carry is None else final
   if objective == 'lm':
@@ -199,6 +202,11 @@ class PureSteps:
       grads = jax.tree.map(lambda g: g / k, grads)
       loss = loss / k
     updates, opt_state = self.tx.update(grads, state['opt_state'], params)
+    if self.carries_state and 'seq_lengths' in batch:
+      # Randomised BPTT: a window of L < T tokens moves the params by L / T of a full one, as AWD-LSTM
+      # scales its learning rate (the mean loss would otherwise weigh its tokens more).
+      scale = jnp.mean(batch['seq_lengths'].astype(jnp.float32)) / batch['inputs'].shape[1]
+      updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
     new_params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     if 'penalty' in sums:  # AR + TAR, part of `loss` (the cross entropy is loss - penalty)
