@@ -318,6 +318,18 @@ def test_classifier_pools_the_right_position(kind):
   assert_close(logits2, logits, what='padding changed the logits')
 
 
+@pytest.mark.parametrize('kind', ['lstm_lm', 'bert'])
+def test_mean_max_pooling_concatenates_the_mean_and_max_over_valid_positions(kind):
+  model = _classifier(kind, pooling='mean_max', **CLASSIFIERS[kind])
+  tokens, lengths = tokens_like(12), jnp.array([7, 4, 1])
+  feats = model.features(tokens, seq_lengths=lengths)
+  hidden = np.asarray(model.backbone(tokens, seq_lengths=lengths).hidden, np.float64)  # [B, T, F]
+  want = np.stack([np.concatenate([h[:n].mean(0), h[:n].max(0)]) for h, n in zip(hidden, lengths.tolist())])
+  assert feats.shape == (B, 2 * model.backbone.features)
+  assert_close(feats, want, dtype=jnp.float32, what=f'{kind} mean_max features')
+  assert model(tokens, seq_lengths=lengths).shape == (B, 5)
+
+
 @pytest.mark.parametrize('kind', ['lstm_attn', 'gpt'])
 def test_classifier_backbone_paths_match_the_lm(kind):
   """The LM's trunk restores into the classifier's trunk at the same paths (what fine-tuning does)."""

@@ -41,6 +41,7 @@ def test_windows_tile_every_lane_and_move_between_epochs():
     assert [float(x['resets'][0, 0]) for x in batches] == [1.0] + [0.0] * (len(batches) - 1)
     if epoch == 0:
       first = lengths
+      assert b.mean_window_length() == pytest.approx(np.mean(lengths))  # what tok/s counts
   assert lengths != first  # each epoch draws its own lengths, so the truncation points move
   # A pure function of (seed, step): a fresh batcher read backwards gives the same batches.
   again = batching.LMBatcher(tokens, 4, 16, mode='sequential', bptt_half_prob=0.3, bptt_std=2.0)

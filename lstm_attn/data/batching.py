@@ -211,6 +211,10 @@ class LMBatcher(_Batcher):
     epoch = int(np.searchsorted(self._epoch_ends, step, side='right'))
     return epoch, step - (self._epoch_ends[epoch - 1] if epoch else 0)
 
+  def mean_window_length(self) -> float:
+    """Tokens per lane per step: seq_len, or with random BPTT lengths the mean over the first epoch."""
+    return float(np.mean(self._plan(0)[1])) if self.random_bptt else float(self.seq_len)
+
   def epoch(self, step: int) -> int:
     """The epoch a step reads from (sequential mode; random mode counts epochs of len(tokens) tokens)."""
     if self.mode == 'sequential':

@@ -16,6 +16,8 @@ Every trunk returns a `TrunkOutput(hidden, state, cache)` and has `.features`; t
                    seen all tokens; GPT's default)
     'cls'          trunks fed a [CLS] token (spec.uses_cls_token, BERT): its pooler output at position 0
     'mean'         any: the mean of the hidden states over the valid positions
+    'mean_max'     any: [mean, max] over the valid positions, concatenated ([B, 2F]; ULMFiT's concat
+                   pooling without its last state): a max lets a feature that fires once anywhere count
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def mean_pool(hidden: Array, seq_lengths: Array | None) -> Array:
   valid = jnp.arange(hidden.shape[1])[None, :] < jnp.asarray(seq_lengths)[:, None]  # [B, T]
   total = jnp.sum(jnp.where(valid[..., None], hidden, 0), axis=1)
   return total / jnp.maximum(jnp.sum(valid, axis=1), 1)[:, None].astype(hidden.dtype)
+
+
+def max_pool(hidden: Array, seq_lengths: Array | None) -> Array:
+  """hidden [B, T, F] -> [B, F], the max over positions < seq_lengths (all when None; 0 for an empty row)."""
+  if seq_lengths is None:
+    return jnp.max(hidden, axis=1)
+  valid = jnp.arange(hidden.shape[1])[None, :] < jnp.asarray(seq_lengths)[:, None]  # [B, T]
+  low = jnp.finfo(hidden.dtype).min
+  top = jnp.max(jnp.where(valid[..., None], hidden, low), axis=1)
+  return jnp.where(jnp.any(valid, axis=1)[:, None], top, jnp.zeros((), hidden.dtype))
 
 
 class SequenceClassifier(nnx.Module):
@@ -64,12 +76,13 @@ class SequenceClassifier(nnx.Module):
     self.takes_token_types = spec.uses_cls_token
     self.backbone = backbone
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    pooled = 2 * backbone.features if pooling == 'mean_max' else backbone.features
     self.classifier = nnx.Linear(
-      backbone.features, self.num_classes, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
+      pooled, self.num_classes, kernel_init=nnx.initializers.normal(0.02), rngs=rngs
     )
 
   def features(self, tokens, *, seq_lengths=None, token_type_ids=None) -> Array:
-    """tokens [B, T] -> pooled features [B, F]."""
+    """tokens [B, T] -> pooled features [B, F] ([B, 2F] for mean_max)."""
     if token_type_ids is not None and not self.takes_token_types:
       raise ValueError(f'token_type_ids is only used by a bert backbone, got a {self.family!r} backbone.')
     types = {'token_type_ids': token_type_ids} if self.takes_token_types else {}
@@ -80,6 +93,8 @@ class SequenceClassifier(nnx.Module):
       return self.backbone.pool(out.hidden)
     if self.pooling == 'last':
       return gather_last_valid(out.hidden, seq_lengths)
+    if self.pooling == 'mean_max':
+      return jnp.concatenate([mean_pool(out.hidden, seq_lengths), max_pool(out.hidden, seq_lengths)], -1)
     return mean_pool(out.hidden, seq_lengths)
 
   def __call__(self, tokens, *, seq_lengths=None, token_type_ids=None) -> Array:

@@ -256,7 +256,9 @@ def make_inputs(config, workdir: str) -> Inputs:
     )
     return _limit(batches, n_eval)
 
-  return Inputs(tok, tok_path, seq_len, bs * seq_len, train, splits, eval_fn, chars, nbytes)
+  # tok/s counts the tokens trained on: with random BPTT lengths, the mean window of the first epoch.
+  per_step = round(bs * lm_batcher.mean_window_length())
+  return Inputs(tok, tok_path, seq_len, per_step, train, splits, eval_fn, chars, nbytes)
 
 
 def _encode_text(tok, corpus, split) -> np.ndarray:
