@@ -91,6 +91,30 @@ def test_ar_and_tar_penalties_match_float64():
   assert float(off.train_forward(tokens)[2]) == 0.0
 
 
+def test_ar_reads_the_dropped_outputs_and_tar_the_raw_ones():
+  """AWD-LSTM: AR on the last layer's outputs after its (locked) dropout, TAR on them before it."""
+  cfg = LSTMLMConfig(
+    embed_dim=6,
+    hidden_size=8,
+    num_layers=2,
+    output_dropout=0.5,
+    activation_reg=2.0,
+    temporal_activation_reg=1.5,
+  )
+  model = LSTMLM(cfg, 11, rngs=nnx.Rngs(0))
+  model.train()
+  tokens = jax.random.randint(jax.random.key(2), (3, 9), 0, 11)
+  twin = nnx.clone(model)  # the same dropout RNG state, so the same masks
+  _, _, penalty = model.train_forward(tokens)
+  out, raw = twin.backbone.run(tokens)
+  dropped, raw = np.asarray(out.hidden, np.float64), np.asarray(raw, np.float64)  # [B, T, width]
+  assert np.mean(dropped == 0) > 0.2 and np.abs(dropped - raw).max() > 1e-2  # the dropout is on
+  tar = 1.5 * np.mean((raw[:, 1:] - raw[:, :-1]) ** 2)
+  np.testing.assert_allclose(float(penalty), 2.0 * np.mean(dropped**2) + tar, rtol=1e-5)
+  swapped = 2.0 * np.mean(raw**2) + 1.5 * np.mean((dropped[:, 1:] - dropped[:, :-1]) ** 2)
+  assert abs(float(penalty) - swapped) > 1e-3 * abs(swapped)
+
+
 def _numpy_with_resets(params, x, resets, carry):
   """float64 reference: the sequence cut at every reset, each piece run from a zero state."""
   batch, time, _ = x.shape
