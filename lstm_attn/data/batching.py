@@ -109,10 +109,11 @@ class LMBatcher(_Batcher):
     [0, len(tokens) - seq_len); inputs = tokens[s : s + seq_len], targets = tokens[s + 1 : s + seq_len + 1].
   mode='sequential': the stream is cut into `batch_size` contiguous lanes (AWD-LSTM's batchify) and step i
     reads the next `seq_len` tokens of every lane, so row b of batch i+1 continues row b of batch i (for
-    models that carry their state across batches). One epoch is `steps_per_epoch` steps; then it wraps
-    (`epoch(step)` says which epoch a step is in). Sequential batches also hold resets [B, T] float32:
-    1 where a carried state must restart: the first step of an epoch (every lane starts over) and the
-    first token of every document (`doc_starts`: token positions where a document begins).
+    models that carry their state across batches). One epoch is `steps_per_epoch` steps (with random
+    BPTT lengths, as many windows as fit); then it wraps (`epoch(step)` says which epoch a step is in).
+    Sequential batches also hold resets [B, T] float32: 1 where a carried state must restart: the first
+    step of an epoch (every lane starts over) and the first token of every document (`doc_starts`: token
+    positions where a document begins).
 
   Randomised BPTT lengths (AWD-LSTM; sequential mode only): with `bptt_half_prob` > 0 or `bptt_std` > 0
   each step reads a window of `length` tokens per lane, length ~ N(base, bptt_std) rounded and clipped to
