@@ -428,7 +428,7 @@ def lstm(
     initial_carry: optional LSTMCarry (default zeros); see LSTMCarry for the layout.
     resets: optional bool [batch, time]: where set, every layer's state entering that step is zero (a new
       document starts there inside a carried stream), and no gradient flows back across it.
-      Unidirectional, forward only.
+      Unidirectional, forward only. A reset at a padded step (t >= seq_lengths[b]) is ignored.
     reverse: run every layer from each example's last valid step back to its first (unidirectional only).
     dropout: dropout rate on the inputs of layers 1..num_layers-1 (as torch.nn.LSTM); needs `rng`.
     weight_drop: DropConnect rate on every hidden-to-hidden matrix w_hh (AWD-LSTM's WeightDrop): one
@@ -470,6 +470,8 @@ def lstm(
     mask = (jnp.arange(time)[:, None] < jnp.asarray(seq_lengths)[None, :])[..., None]  # [T, B, 1]
   layer_fn = _layer if custom_vjp else _layer_autodiff
   reset_tm = None if resets is None else jnp.swapaxes(jnp.asarray(resets, bool), 0, 1)[..., None]  # [T, B, 1]
+  if reset_tm is not None and mask is not None:  # padded steps keep the state: a reset there must too
+    reset_tm = reset_tm & mask
 
   # Time-major inside: transposing the (narrow) inputs once is cheaper than a [B, T, 4H] -> [T, B, 4H]
   # projection layout, which XLA:CPU runs as a slow non-canonical dot.

@@ -35,6 +35,7 @@ from lstm_attn.models import (
   model_config,
 )
 from lstm_attn.models.common import EmbeddingDropout, LockedDropout, segment_positions
+from lstm_attn.models.heads import max_pool
 from tests.helpers import assert_close, rel_l2_error
 
 V, B, T = 13, 3, 7
@@ -328,6 +329,7 @@ def test_mean_max_pooling_concatenates_the_mean_and_max_over_valid_positions(kin
   assert feats.shape == (B, 2 * model.backbone.features)
   assert_close(feats, want, dtype=jnp.float32, what=f'{kind} mean_max features')
   assert model(tokens, seq_lengths=lengths).shape == (B, 5)
+  np.testing.assert_array_equal(max_pool(jnp.ones((2, 3, 4)), jnp.array([2, 0]))[1], np.zeros(4))  # empty row
 
 
 @pytest.mark.parametrize('kind', ['lstm_attn', 'gpt'])

@@ -73,6 +73,11 @@ def test_random_bptt_needs_sequential_streams_and_a_carry():
   c = tiny_config('lstm_lm', **{'data.bptt_half_prob': 0.05, 'carry_state': False})
   with pytest.raises(ValueError, match=r'config.data.bptt_half_prob=0.05 .* config.carry_state=True'):
     training.check_config(c)
+  c = tiny_config('lstm_lm', **{'data.bptt_half_prob': 0.05, 'num_classes': 3})
+  with pytest.raises(
+    ValueError, match=r'classification run .* has no BPTT window: set --config.data.bptt_half_prob=0'
+  ):
+    training.check_config(c)
   c = tiny_config('lstm_lm', **{'data.bptt_std': -2.0})
   with pytest.raises(
     ValueError, match=r'config.data.bptt_std=-2.0 is invalid: it must be a finite number >= 0'
@@ -97,6 +102,29 @@ def test_resuming_with_other_bptt_settings_names_the_field():
   same = batching.LMBatcher(tokens, 2, 16, mode='sequential', bptt_half_prob=0.05, bptt_std=5.0)
   inputs_lib._TrainBatcher(same, config).restore(saved.state())
   assert same.step == 9
+  # The batcher itself refuses either direction too (its random-BPTT identity is saved only when on).
+  with pytest.raises(
+    ValueError, match='bptt_half_prob_ppm=50000 but this LMBatcher has bptt_half_prob_ppm=0'
+  ):
+    batching.LMBatcher(tokens, 2, 16, mode='sequential').restore(saved.state())
+  with pytest.raises(
+    ValueError, match='bptt_half_prob_ppm=0 but this LMBatcher has bptt_half_prob_ppm=50000'
+  ):
+    same.restore(batching.LMBatcher(tokens, 2, 16, mode='sequential').state())
+
+
+def test_a_reset_in_the_padding_leaves_the_state_alone():
+  from lstm_attn import lstm as lstm_lib
+
+  params = lstm_lib.init_lstm(jax.random.key(0), 3, 4)
+  x = jax.random.normal(jax.random.key(1), (1, 6, 3))
+  lengths = jnp.array([3])
+  resets = jnp.zeros((1, 6), bool).at[0, 4].set(True)  # at a padded step
+  _, want = lstm_lib.lstm(params, x, seq_lengths=lengths)
+  _, got = lstm_lib.lstm(params, x, seq_lengths=lengths, resets=resets)
+  assert float(jnp.abs(want.h).min()) > 0
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize('name', ['lstm_lm', 'lstm_attn'])
@@ -145,12 +173,24 @@ def test_a_padded_window_is_the_short_window_with_a_scaled_update(name):
   assert_close(update(after_padded), full * n / seq, tol=1e-4, what='update, padded vs short')
 
 
-def test_training_with_random_bptt_runs_and_resumes(tmp_path):
-  c = tiny_config('lstm_lm', steps=4, **{'data.bptt_half_prob': 0.5, 'data.bptt_std': 3.0})
-  summary = training.train_and_evaluate(c, str(tmp_path / 'run'))
-  assert summary['step'] == 4 and np.isfinite(summary['val_loss'])
-  c.num_train_steps = 6  # continues: the batcher position and the bptt settings come back from step 4
-  assert training.train_and_evaluate(c, str(tmp_path / 'run'))['step'] == 6
+def test_training_with_random_bptt_resumes_exactly(tmp_path, monkeypatch):
+  """Stopped after step 4 and resumed == run through: the batcher position, the window lengths and the
+  carry all come back (the losses of steps 5-6 depend on them)."""
+  import test_train
+  from train_tiny import final_params, train_losses
+
+  c = tiny_config('lstm_lm', steps=6, **{'data.bptt_half_prob': 0.5, 'data.bptt_std': 3.0})
+  full = training.train_and_evaluate(c, str(tmp_path / 'full'))
+  test_train._interrupt_after(monkeypatch, 4)
+  with pytest.raises(test_train._Interrupt):
+    training.train_and_evaluate(c, str(tmp_path / 'run'))
+  monkeypatch.undo()
+  resumed = training.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert train_losses(tmp_path / 'full') == train_losses(tmp_path / 'run')
+  (_, pa), (_, pb) = final_params(tmp_path / 'full'), final_params(tmp_path / 'run')
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+  assert full['val_loss'] == resumed['val_loss'] and np.isfinite(full['val_loss'])
   c.num_train_steps, c.data.bptt_std = 8, 1.0
   with pytest.raises(
     ValueError, match=r'different experiment \(config.data.bptt_std was 3.0 there, is 1.0 now\)'

@@ -16,8 +16,8 @@ for the same budget and prints both accuracies side by side):
 
 The model sizes here are those pre-training configs' (the trunk is restored where paths and shapes match,
 listed in `<workdir>/transfer.json`; the classifier head is fresh). The tokenizer is the pre-training
-run's. The recipe (mean and max pooling, the learning rate per family) was picked by the fine-tuned model's val
-accuracy; the from-scratch twin runs the same recipe.
+run's. The recipe (mean and max pooling, the learning rate per family) was picked by the fine-tuned
+model's val accuracy; the from-scratch twin runs the same recipe.
 """
 
 from lstm_attn.models import MODEL_SPECS

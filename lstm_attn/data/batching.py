@@ -8,7 +8,9 @@ where the saved batcher stood. `next()` (also `next(batcher)`) returns the batch
 advances.
 
 Batch dicts (numpy, int32 unless noted):
-  LMBatcher          inputs [batch, seq_len], targets [batch, seq_len] (inputs shifted by one token).
+  LMBatcher          inputs [batch, seq_len], targets [batch, seq_len] (inputs shifted by one token);
+                     sequential mode adds resets (float32) [batch, seq_len], and random BPTT lengths
+                     seq_lengths [batch] and weights (float32, 0 on the padding) [batch, seq_len].
   eval_batches       inputs, targets, weights (float32, 0 on padding) [batch, seq_len].
   MLMBatcher         inputs (masked), targets (original ids), weights (float32, 1 where a token was
                      selected for prediction), token_type_ids (zeros), seq_lengths [batch].
@@ -161,7 +163,8 @@ class LMBatcher(_Batcher):
       )
     self._offsets = np.arange(self.seq_len + 1)  # [seq_len + 1]
     self.bptt_half_prob = check_rate('bptt_half_prob', bptt_half_prob, closed=True)
-    if not isinstance(bptt_std, (int, float, np.number)) or not 0 <= bptt_std < float('inf'):
+    ok = isinstance(bptt_std, (int, float, np.number)) and not isinstance(bptt_std, bool)
+    if not ok or not 0 <= bptt_std < float('inf'):
       raise ValueError(f'bptt_std must be a finite number >= 0 (0: no jitter), got {bptt_std!r}')
     self.bptt_std = float(bptt_std)
     self.random_bptt = self.bptt_half_prob > 0 or self.bptt_std > 0
@@ -184,6 +187,21 @@ class LMBatcher(_Batcher):
       identity['bptt_half_prob_ppm'] = round(self.bptt_half_prob * 1e6)
       identity['bptt_std_milli'] = round(self.bptt_std * 1e3)
     return identity
+
+  def restore(self, state) -> None:
+    # The random-BPTT identity is saved only when on, so the base check (this batcher's keys) would let a
+    # fixed-window batcher take a random-BPTT state: compare both ways, absent meaning off.
+    for key, now in (
+      ('bptt_half_prob_ppm', self.bptt_half_prob * 1e6),
+      ('bptt_std_milli', self.bptt_std * 1e3),
+    ):
+      saved = int(np.asarray(state.get(key, 0)))
+      if saved != round(now):
+        raise ValueError(
+          f'batcher state: {key}={saved} but this LMBatcher has {key}={round(now)}; '
+          'the state was saved with other random-BPTT settings'
+        )
+    super().restore(state)
 
   def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """random_bptt: (offsets, lengths) of the windows one epoch reads, in every lane (AWD-LSTM's rule)."""

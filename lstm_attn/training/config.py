@@ -61,7 +61,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
   c.carry_state = model_spec(model_name).carries_state
   # AWD-LSTM's randomised BPTT length (with carry_state): each step's window is seq_len // 2 with
   # probability bptt_half_prob (AWD: 0.05) else seq_len, jittered by N(0, bptt_std) (AWD: 5) and clipped
-  # to [5, seq_len]; the update is scaled by length / seq_len (AWD scales its learning rate so). 0, 0: off.
+  # to [min(5, seq_len), seq_len]; the update is scaled by length / seq_len (AWD scales its learning rate
+  # so). 0, 0: off.
   c.data.bptt_half_prob = 0.0
   c.data.bptt_std = 0.0
   c.num_train_steps = 1000
@@ -287,11 +288,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     bptt_std,
     'a finite number >= 0 (0: no jitter)',
   )
-  if (half_prob or bptt_std) and not (config.carry_state and not num_classes):
+  if (half_prob or bptt_std) and num_classes:
+    raise ValueError(
+      f'config.data.bptt_half_prob={half_prob!r} / config.data.bptt_std={bptt_std!r}: a classification '
+      'run (config.num_classes is set) has no BPTT window: set --config.data.bptt_half_prob=0 '
+      '--config.data.bptt_std=0.'
+    )
+  if (half_prob or bptt_std) and not config.carry_state:
     raise ValueError(
       f'config.data.bptt_half_prob={half_prob!r} / config.data.bptt_std={bptt_std!r} randomise the '
-      'truncated-BPTT window, which only a language model with config.carry_state=True has: set both to 0, '
-      'or train an LSTM family with --config.carry_state=True.'
+      'truncated-BPTT window, which only a run with config.carry_state=True has: set both to 0, or '
+      'train an LSTM family (lstm_lm, lstm_attn) with --config.carry_state=True.'
     )
   if config.compare_from_scratch and not config.init_from:
     raise ValueError(
