@@ -18,7 +18,9 @@ def get_config():
   c.model.positions = 'rotary'
   c.data.max_bytes = 4_000_000
   c.batch_size = 32
-  c.num_train_steps = 1500
+  # 3000 steps: the fine-tuned encoder's gain over its from-scratch twin was +0.12 after 1500 (val loss
+  # 1.196) and +0.21 after 3000 (val 0.937; BUILD_NOTES "Pre-training then fine-tuning").
+  c.num_train_steps = 3000
   c.optim.weight_decay = 0.01
   c.eval_every = 500
   c.checkpoint_every = 500
