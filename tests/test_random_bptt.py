@@ -177,22 +177,12 @@ def test_training_with_random_bptt_resumes_exactly(tmp_path, monkeypatch):
   """Stopped after step 4 and resumed == run through: the batcher position, the window lengths and the
   carry all come back (the losses of steps 5-6 depend on them)."""
   import test_train
-  from train_tiny import final_params, train_losses
 
   c = tiny_config('lstm_lm', steps=6, **{'data.bptt_half_prob': 0.5, 'data.bptt_std': 3.0})
-  full = training.train_and_evaluate(c, str(tmp_path / 'full'))
-  test_train._interrupt_after(monkeypatch, 4)
-  with pytest.raises(test_train._Interrupt):
-    training.train_and_evaluate(c, str(tmp_path / 'run'))
-  monkeypatch.undo()
-  resumed = training.train_and_evaluate(c, str(tmp_path / 'run'))
-  assert train_losses(tmp_path / 'full') == train_losses(tmp_path / 'run')
-  (_, pa), (_, pb) = final_params(tmp_path / 'full'), final_params(tmp_path / 'run')
-  for k in pa:
-    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-  assert full['val_loss'] == resumed['val_loss'] and np.isfinite(full['val_loss'])
+  full, _ = test_train.assert_resume_is_exact(c, tmp_path, monkeypatch, stop_after=4)
+  assert np.isfinite(full['val_loss'])
   c.num_train_steps, c.data.bptt_std = 8, 1.0
   with pytest.raises(
     ValueError, match=r'different experiment \(config.data.bptt_std was 3.0 there, is 1.0 now\)'
   ):
-    training.train_and_evaluate(c, str(tmp_path / 'run'))
+    training.train_and_evaluate(c, str(tmp_path / 'resumed'))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import assert_close
-from train_tiny import final_params, tiny_config, train_losses
+from train_tiny import tiny_config, train_losses
 
 from lstm_attn import training
 from lstm_attn.data import batching
@@ -142,18 +142,7 @@ def test_resume_with_carried_state_is_exact(tmp_path, monkeypatch):
   through, bit for bit (the losses of steps 5-7 depend on the carry restored at step 4)."""
   import test_train
 
-  c = tiny_config('lstm_lm', steps=7)
-  full = training.train_and_evaluate(c, str(tmp_path / 'full'))
-  test_train._interrupt_after(monkeypatch, 5)
-  with pytest.raises(test_train._Interrupt):
-    training.train_and_evaluate(c, str(tmp_path / 'resumed'))
-  monkeypatch.undo()
-  resumed = training.train_and_evaluate(c, str(tmp_path / 'resumed'))
-  assert train_losses(tmp_path / 'full') == train_losses(tmp_path / 'resumed')
-  (_, pa), (_, pb) = final_params(tmp_path / 'full'), final_params(tmp_path / 'resumed')
-  for k in pa:
-    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-  assert full['val_loss'] == resumed['val_loss']
+  test_train.assert_resume_is_exact(tiny_config('lstm_lm', steps=7), tmp_path, monkeypatch, stop_after=5)
 
 
 def test_documents_encode_as_the_joined_text_with_their_start_positions():

@@ -122,6 +122,25 @@ def _interrupt_after(monkeypatch, n):
   monkeypatch.setattr(train_inputs, 'make_inputs', make)
 
 
+def assert_resume_is_exact(config, tmp_path, monkeypatch, stop_after):
+  """Runs `config` through in tmp_path/full, and in tmp_path/resumed stopped after `stop_after` batches
+  and resumed; asserts the two agree bit for bit (every train loss, the final params, the val loss).
+  Returns their summaries."""
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+  _interrupt_after(monkeypatch, stop_after)
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert train_losses(tmp_path / 'full') == train_losses(tmp_path / 'resumed')
+  (_, pa), (_, pb) = final_params(tmp_path / 'full'), final_params(tmp_path / 'resumed')
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+  assert full['val_loss'] == resumed['val_loss']
+  return full, resumed
+
+
 def test_stop_and_resume_gives_identical_losses_and_params(tmp_path, monkeypatch):
   c = tiny_config('gpt', steps=7)  # dropout 0.1: the RNG state must be restored too
   full = train.train_and_evaluate(c, str(tmp_path / 'full'))
