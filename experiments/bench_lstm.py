@@ -1,8 +1,11 @@
 r"""LSTM benchmark: forward and forward+backward of one layer against Flax, jax.experimental.rnn and torch.
 
 Implementations, all with the same weights and inputs [batch, time, input_size]:
-  ours           lstm_attn.lstm.lstm (input projection hoisted, hand-written backward pass).
-  ours_autodiff  the same forward, gradient by autodiff of lax.scan (custom_vjp=False).
+  ours           lstm_attn.lstm.lstm as used: on a CPU the recurrence runs in the AVX2 custom call
+                 (lstm_attn.kernels.lstm_cpu) where it can, else the scan (input projection hoisted,
+                 hand-written backward pass).
+  ours_scan      lstm_attn.lstm.lstm with cpu_kernel=False: the lax.scan, hand-written backward pass.
+  ours_autodiff  the scan's forward, gradient by autodiff of lax.scan (custom_vjp=False).
   flax           flax.nnx.RNN(flax.nnx.OptimizedLSTMCell).
   lstm_ref       jax.experimental.rnn.lstm_ref (the cuDNN-LSTM reference in JAX).
   torch          torch.nn.LSTM (only when torch is importable; CPU build; autocast to bf16 for bfloat16).
@@ -51,7 +54,7 @@ flags.DEFINE_integer('batch', 32, 'Batch size.')
 flags.DEFINE_integer('time', 128, 'Sequence length.')
 flags.DEFINE_integer('input_size', 256, 'Input features.')
 flags.DEFINE_integer('hidden_size', 512, 'Hidden size.')
-ALL_IMPLEMENTATIONS = ('ours', 'ours_autodiff', 'flax', 'lstm_ref', 'torch')
+ALL_IMPLEMENTATIONS = ('ours', 'ours_scan', 'ours_autodiff', 'flax', 'lstm_ref', 'torch')
 flags.DEFINE_list('dtypes', None, 'Compute dtypes: float32 and/or bfloat16. Default: float32 (--full: both).')
 flags.DEFINE_list(
   'implementations', None, f'Any of {ALL_IMPLEMENTATIONS}. Default: ours, flax, torch (--full: all).'
@@ -81,9 +84,11 @@ def _make_jax_impls(params, x, ct, dtype):
   hidden = params['w_hh'].shape[1] // 4
   cdt = jnp.dtype(dtype)
 
-  def ours(custom_vjp):
+  def ours(custom_vjp, cpu_kernel=None):
     def fwd(p, x):
-      return lstm_lib.lstm({'layer0': p}, x, dtype=cdt, unroll=FLAGS.unroll, custom_vjp=custom_vjp)[0]
+      return lstm_lib.lstm(
+        {'layer0': p}, x, dtype=cdt, unroll=FLAGS.unroll, custom_vjp=custom_vjp, cpu_kernel=cpu_kernel
+      )[0]
 
     return fwd
 
@@ -112,6 +117,7 @@ def _make_jax_impls(params, x, ct, dtype):
   flax_w_hh = lambda g: g['cell']['dense_h']['kernel'][...]
   fwds = {
     'ours': (ours(True), params, ours_w_hh),
+    'ours_scan': (ours(True, cpu_kernel=False), params, ours_w_hh),
     'ours_autodiff': (ours(False), params, ours_w_hh),
     'flax': (flax_fwd, flax_state, flax_w_hh),
     'lstm_ref': (ref_fwd, params, ours_w_hh),
@@ -257,7 +263,7 @@ def main(argv):
   batch, time_, features, hidden = FLAGS.batch, FLAGS.time, FLAGS.input_size, FLAGS.hidden_size
   dtypes = FLAGS.dtypes or (['float32', 'bfloat16'] if FLAGS.full else ['float32'])
   implementations = FLAGS.implementations or (
-    list(ALL_IMPLEMENTATIONS) if FLAGS.full else ['ours', 'flax', 'torch']
+    list(ALL_IMPLEMENTATIONS) if FLAGS.full else ['ours', 'ours_scan', 'flax', 'torch']
   )
   for d in dtypes:
     if d not in ('float32', 'bfloat16'):

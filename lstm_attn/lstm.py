@@ -25,6 +25,7 @@ glibc serves by a fresh mmap on every call once it is over 32 MiB, so every temp
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +35,7 @@ from flax import nnx
 from jax import lax
 
 from lstm_attn.checks import check_rate
+from lstm_attn.kernels import lstm_cpu
 
 Params = dict[str, dict[str, jax.Array]]
 
@@ -272,12 +274,26 @@ def _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, 
   return hs.reshape(num_steps, batch, hs.shape[-1]), hT, cT
 
 
-_layer = jax.custom_vjp(_layer_autodiff, nondiff_argnums=(9, 10, 11))
+def _layer_primal(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, kernel):
+  """`_layer_autodiff`, or with `kernel` the same recurrence as the CPU custom call (`lstm_cpu`)."""
+  if not kernel:
+    return _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll)
+  hs, hT, cT, _ = lstm_cpu.forward(x, w_ih, b, w_hh, h0, c0, mask, resets, reverse=reverse, keep_residuals=False)
+  return hs, hT, cT
 
 
-def _layer_fwd(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll):
-  xw = _project(x, w_ih, cdt, h0.dtype)
-  hs, hT, cT, residuals = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, True)
+_layer = jax.custom_vjp(_layer_primal, nondiff_argnums=(9, 10, 11, 12))
+
+
+def _layer_fwd(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, kernel):
+  if kernel:
+    hs, hT, cT, (gates, c_prev) = lstm_cpu.forward(
+      x, w_ih, b, w_hh, h0, c0, mask, resets, reverse=reverse, keep_residuals=True
+    )
+    residuals = (gates, c_prev, None)
+  else:
+    xw = _project(x, w_ih, cdt, h0.dtype)
+    hs, hT, cT, residuals = _forward_scan(xw, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll, True)
   return (hs, hT, cT), (x, w_ih, b, w_hh, w_hr, h0, cT, mask, resets, hs, *residuals)
 
 
@@ -293,10 +309,22 @@ def _shift(seq, first, reverse):
   return jnp.concatenate([first[None], seq[:-1]], axis=0)
 
 
-def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
+def _layer_bwd(reverse, cdt, unroll, kernel, residuals, cotangents):
   x, w_ih, b, w_hh, w_hr, h0, cT, mask, resets, hs, gates, c_prev, m = residuals
   d_hs, d_hT, d_cT = cotangents  # [T, B, R], [B, R], [B, H]
   sdt = h0.dtype
+  if kernel:  # the recurrence in the CPU custom call; the weight gradients below are the same
+    dz, d_h0, d_c0 = lstm_cpu.backward(d_hs, gates, c_prev, cT, w_hh, d_hT, d_cT, mask, resets, reverse=reverse)
+    h_prev = _shift(hs, h0, reverse)  # [T, B, H]: the h each step's recurrent matmul read
+    if resets is not None:
+      h_prev = jnp.where(resets, jnp.zeros((), h_prev.dtype), h_prev)
+    dz_rows = _rows(dz)  # [T * B, 4H]
+    # [dW_ih; dW_hh] = [x, h_prev]^T dz: one matmul over all T * B rows, in the kernel's GEMM.
+    d_w = lstm_cpu.matmul(_rows(jnp.concatenate([x, h_prev], axis=-1)), dz_rows, transpose_a=True)
+    d_w_ih, d_w_hh = d_w[: x.shape[-1]].astype(w_ih.dtype), d_w[x.shape[-1] :].astype(w_hh.dtype)
+    d_x = jnp.matmul(dz_rows, w_ih.T).reshape(x.shape).astype(x.dtype)  # [T, B, F]
+    d_b = jnp.sum(dz_rows, axis=0).astype(b.dtype)
+    return d_x, d_w_ih, d_b, d_w_hh, None, d_h0, d_c0, None, None
   w_hh_t = w_hh.T.astype(cdt)  # [4H, R]
   w_hr_t = None if w_hr is None else w_hr.T.astype(cdt)  # [P, H]
 
@@ -335,7 +363,12 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
 
   xs = (d_hs, gates, c_prev, mask, resets)
   (d_h0, d_c0, _), (dz, dh) = lax.scan(step, (d_hT, d_cT, cT), xs, reverse=not reverse, unroll=unroll)
-  # Weight and input gradients: one matmul over all time steps and examples each.
+  return _weight_gradients(x, w_ih, b, w_hh, w_hr, h0, resets, hs, m, reverse, cdt, dz, dh, d_h0, d_c0)
+
+
+def _weight_gradients(x, w_ih, b, w_hh, w_hr, h0, resets, hs, m, reverse, cdt, dz, dh, d_h0, d_c0):
+  """The cotangents of `_layer`'s inputs from dz [T, B, 4H]: one matmul over all steps and rows each."""
+  sdt = h0.dtype
   dz_rows = _rows(dz).astype(cdt)  # [T * B, 4H]
   h_prev = _shift(hs, h0, reverse)  # [T, B, R]
   if resets is not None:  # the h each step's recurrent matmul read
@@ -352,6 +385,10 @@ def _layer_bwd(reverse, cdt, unroll, residuals, cotangents):
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+def _layer_with_kernel(kernel, *args):
+  return _layer(*args, kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,6 +439,17 @@ def _check_inputs(cfg: _Config, inputs, seq_lengths, initial_carry, dropout, rng
     raise ValueError('dropout > 0 needs rng (a jax.random key); pass dropout=0.0 for evaluation')
 
 
+def _use_cpu_kernel(cpu_kernel, cfg: _Config, cdt, sdt, custom_vjp: bool) -> bool:
+  """Whether `lstm` runs its recurrence in the CPU custom call (see its `cpu_kernel` argument)."""
+  if cpu_kernel is False:
+    return False
+  reason = 'custom_vjp=False (autodiff needs the scan)' if not custom_vjp else None
+  reason = reason or lstm_cpu.unusable_reason(cfg.hidden_size, cdt, sdt, cfg.proj_size > 0)
+  if reason and cpu_kernel:
+    raise ValueError(f'cpu_kernel=True, but the CPU LSTM kernel cannot run this call: {reason}')
+  return reason is None
+
+
 def lstm(
   params: Params,
   inputs: jax.Array,
@@ -416,6 +464,7 @@ def lstm(
   dtype: Any = None,
   unroll: int = DEFAULT_UNROLL,
   custom_vjp: bool = True,
+  cpu_kernel: bool | None = None,
 ) -> tuple[jax.Array, LSTMCarry]:
   """Runs a (stacked, optionally bidirectional and projected) LSTM over a batch of sequences.
 
@@ -439,6 +488,10 @@ def lstm(
       (or the params' dtype if wider). Default: the promoted dtype of inputs and params.
     unroll: `lax.scan` unroll factor of the forward and backward scans.
     custom_vjp: use the hand-written backward pass (False: plain autodiff of the scan; same values).
+    cpu_kernel: run the recurrence (forward and backward) as the AVX2 custom call of
+      `lstm_attn.kernels.lstm_cpu` instead of the `lax.scan`: None (default) where it can (float32, no
+      projection, hidden_size a multiple of 16, one CPU device, custom_vjp, the kernel built), False
+      never, True always (a ValueError says why it cannot). Same values to float32 rounding.
 
   Returns:
     outputs: [batch, time, num_directions * (proj_size or hidden_size)] in the compute dtype (forward and
@@ -468,7 +521,8 @@ def lstm(
   mask = None
   if seq_lengths is not None:
     mask = (jnp.arange(time)[:, None] < jnp.asarray(seq_lengths)[None, :])[..., None]  # [T, B, 1]
-  layer_fn = _layer if custom_vjp else _layer_autodiff
+  kernel = _use_cpu_kernel(cpu_kernel, cfg, cdt, sdt, custom_vjp)
+  layer_fn = functools.partial(_layer_with_kernel, kernel) if custom_vjp else _layer_autodiff
   reset_tm = None if resets is None else jnp.swapaxes(jnp.asarray(resets, bool), 0, 1)[..., None]  # [T, B, 1]
   if reset_tm is not None and mask is not None:  # padded steps keep the state: a reset there must too
     reset_tm = reset_tm & mask
