@@ -413,21 +413,12 @@ inline void PackedMicrokernel(int k_size, const float* ap, const float* panel, f
   }
 }
 
-// out[M, N] = op(A)[M, K] @ op(B)[K, N]; op(A)(i, k) = a[i * K + k], or a[k * M + i] if transpose_a;
-// op(B)(k, n) = b[k * N + n], or b[n * K + k] if transpose_b. N must be a multiple of 16. Threads split
-// the larger of M and N, so the operand they share is the smaller one (each packs it).
-ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, bool transpose_a, bool transpose_b,
-                      ffi::ResultBuffer<ffi::F32> out) {
-  const auto a_dims = a.dimensions(), b_dims = b.dimensions();
-  if (a_dims.size() != 2 || b_dims.size() != 2)
-    return ffi::Error::InvalidArgument("lstm_cpu matmul: a and b must be matrices");
-  const int64_t m = transpose_a ? a_dims[1] : a_dims[0], k_total = transpose_a ? a_dims[0] : a_dims[1];
-  const int64_t n = transpose_b ? b_dims[0] : b_dims[1];
-  if ((transpose_b ? b_dims[1] : b_dims[0]) != k_total || n % kPanel != 0)
-    return ffi::Error::InvalidArgument("lstm_cpu matmul: inner dimensions differ or N % 16 != 0");
-  const float* a_data = a.typed_data();
-  const float* b_data = b.typed_data();
-  float* c = out->typed_data();
+// c[M, N] = A[M, K] @ B[K, N] (c overwritten; N a multiple of 16). The operands are read through their
+// packing functions: pack_a(dst, i0, k0, kc) writes A[i0 : i0 + 6, k0 : k0 + kc] k-major ([kc][6], rows
+// past M as zeros) and pack_b(dst, j0, k0, kc) writes B[k0 : k0 + kc, j0 : j0 + 16] ([kc][16]). Threads
+// split the larger of M and N, so the operand they share is the smaller one (each thread packs it).
+template <class PackA, class PackB>
+void BlockedMatmul(int64_t m, int64_t n, int64_t k_total, PackA pack_a, PackB pack_b, float* c) {
   std::memset(c, 0, sizeof(float) * m * n);
   const int64_t panels = n / kPanel, row_blocks = (m + kRows - 1) / kRows;
   const bool split_rows = m >= n;
@@ -441,29 +432,17 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, bool tra
     const int64_t begin = share * me / threads, end = share * (me + 1) / threads;
     const int64_t rb_begin = split_rows ? begin : 0, rb_end = split_rows ? end : row_blocks;
     const int64_t p_begin = split_rows ? 0 : begin, p_end = split_rows ? panels : end;
-    std::vector<float, std::allocator<float>> b_pack_store((p_end - p_begin) * kKc * kPanel + 8);
+    std::vector<float> b_pack_store((p_end - p_begin) * kKc * kPanel + 8);
     std::vector<float> a_pack((kMc / kRows) * kKc * kRows), tile(kRows * kPanel);
     float* b_pack = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b_pack_store.data()) + 31) & ~uintptr_t{31});
     for (int64_t k0 = 0; k0 < k_total; k0 += kKc) {
       const int kc = static_cast<int>(std::min<int64_t>(kKc, k_total - k0));
-      for (int64_t p = p_begin; p < p_end; ++p) {  // pack op(B)[k0 : k0 + kc, this thread's panels]
-        float* dst = b_pack + (p - p_begin) * kKc * kPanel;
-        for (int k = 0; k < kc; ++k)
-          for (int j = 0; j < kPanel; ++j)
-            dst[k * kPanel + j] = transpose_b ? b_data[(p * kPanel + j) * k_total + k0 + k]
-                                              : b_data[(k0 + k) * n + p * kPanel + j];
-      }
+      for (int64_t p = p_begin; p < p_end; ++p)  // pack B[k0 : k0 + kc, this thread's panels]
+        pack_b(b_pack + (p - p_begin) * kKc * kPanel, p * kPanel, k0, kc);
       for (int64_t rb0 = rb_begin; rb0 < rb_end; rb0 += kMc / kRows) {
         const int64_t rb1 = std::min<int64_t>(rb_end, rb0 + kMc / kRows);
-        for (int64_t rb = rb0; rb < rb1; ++rb) {  // pack op(A)[rows of rb, k0 : k0 + kc], zero-padded
-          float* dst = a_pack.data() + (rb - rb0) * kKc * kRows;
-          for (int k = 0; k < kc; ++k)
-            for (int r = 0; r < kRows; ++r) {
-              const int64_t i = rb * kRows + r;
-              dst[k * kRows + r] = i >= m ? 0.0f
-                                   : transpose_a ? a_data[(k0 + k) * m + i] : a_data[i * k_total + k0 + k];
-            }
-        }
+        for (int64_t rb = rb0; rb < rb1; ++rb)  // pack A[rows of rb, k0 : k0 + kc]
+          pack_a(a_pack.data() + (rb - rb0) * kKc * kRows, rb * kRows, k0, kc);
         for (int64_t p = p_begin; p < p_end; ++p) {
           const float* panel = b_pack + (p - p_begin) * kKc * kPanel;
           for (int64_t rb = rb0; rb < rb1; ++rb) {
@@ -476,13 +455,81 @@ ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, bool tra
               for (int r = 0; r < kRows; ++r)
                 for (int j = 0; j < kPanel; ++j) tile[r * kPanel + j] = r < rows ? c_tile[r * n + j] : 0.0f;
               PackedMicrokernel(kc, ap, panel, tile.data(), kPanel);
-              for (int r = 0; r < rows; ++r) std::memcpy(c_tile + r * n, tile.data() + r * kPanel, sizeof(float) * kPanel);
+              for (int r = 0; r < rows; ++r)
+                std::memcpy(c_tile + r * n, tile.data() + r * kPanel, sizeof(float) * kPanel);
             }
           }
         }
       }
     }
   }
+}
+
+// out[M, N] = op(A) @ op(B): op(A)(i, k) = a[i * K + k], or a[k * M + i] if transpose_a; op(B)(k, n) =
+// b[k * N + n], or b[n * K + k] if transpose_b.
+ffi::Error MatmulImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, bool transpose_a, bool transpose_b,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto a_dims = a.dimensions(), b_dims = b.dimensions();
+  if (a_dims.size() != 2 || b_dims.size() != 2)
+    return ffi::Error::InvalidArgument("lstm_cpu matmul: a and b must be matrices");
+  const int64_t m = transpose_a ? a_dims[1] : a_dims[0], k_total = transpose_a ? a_dims[0] : a_dims[1];
+  const int64_t n = transpose_b ? b_dims[0] : b_dims[1];
+  if ((transpose_b ? b_dims[1] : b_dims[0]) != k_total || n % kPanel != 0)
+    return ffi::Error::InvalidArgument("lstm_cpu matmul: inner dimensions differ or N % 16 != 0");
+  const float* a_data = a.typed_data();
+  const float* b_data = b.typed_data();
+  auto pack_a = [=](float* dst, int64_t i0, int64_t k0, int kc) {
+    for (int k = 0; k < kc; ++k)
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + r;
+        dst[k * kRows + r] = i >= m ? 0.0f : transpose_a ? a_data[(k0 + k) * m + i] : a_data[i * k_total + k0 + k];
+      }
+  };
+  auto pack_b = [=](float* dst, int64_t j0, int64_t k0, int kc) {
+    for (int k = 0; k < kc; ++k)
+      for (int j = 0; j < kPanel; ++j)
+        dst[k * kPanel + j] = transpose_b ? b_data[(j0 + j) * k_total + k0 + k] : b_data[(k0 + k) * n + j0 + j];
+  };
+  BlockedMatmul(m, n, k_total, pack_a, pack_b, out->typed_data());
+  return ffi::Error::Success();
+}
+
+// [dW_ih; dW_hh] [F + H, 4H] = [x, h_prev]^T @ dz over all T * B rows, where h_prev is the h each step's
+// recurrent matmul read: the carry before the step (h0 at the first step in scan order), zero where the
+// state was reset. Read in place from x [T, B, F], hs [T, B, H] and h0 [B, H]: no concatenated or shifted
+// copy is made.
+ffi::Error WeightGradientImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0,
+                              ffi::Buffer<ffi::U8> resets, ffi::Buffer<ffi::F32> dz, bool reverse,
+                              ffi::ResultBuffer<ffi::F32> d_w) {
+  const auto x_dims = x.dimensions(), h_dims = hs.dimensions(), z_dims = dz.dimensions();
+  if (x_dims.size() != 3 || h_dims.size() != 3 || z_dims.size() != 3 || z_dims[2] % kPanel != 0)
+    return ffi::Error::InvalidArgument("lstm_cpu weight gradient: x, hs, dz must be [T, B, *], 4H % 16 == 0");
+  const int64_t steps = x_dims[0], batch = x_dims[1], features = x_dims[2], hidden = h_dims[2];
+  const int64_t gates4 = z_dims[2];
+  const float* x_data = x.typed_data();
+  const float* h_data = hs.typed_data();
+  const float* h_first = h0.typed_data();
+  const uint8_t* reset = resets.typed_data();
+  const float* dz_data = dz.typed_data();
+  const int64_t depth = features + hidden;
+  auto pack_a = [=](float* dst, int64_t i0, int64_t k0, int kc) {  // rows i0.. of [x, h_prev]^T
+    for (int k = 0; k < kc; ++k) {
+      const int64_t row_k = k0 + k, t = row_k / batch, row = row_k % batch;  // row_k = t * B + b
+      const int64_t t_before = reverse ? t + 1 : t - 1;
+      const float* x_row = x_data + row_k * features;
+      const float* h_row = reset[row_k] ? nullptr
+                           : (t_before < 0 || t_before >= steps) ? h_first + row * hidden
+                                                                  : h_data + (t_before * batch + row) * hidden;
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + r;
+        dst[k * kRows + r] = i < features ? x_row[i] : (i >= depth || h_row == nullptr) ? 0.0f : h_row[i - features];
+      }
+    }
+  };
+  auto pack_b = [=](float* dst, int64_t j0, int64_t k0, int kc) {
+    for (int k = 0; k < kc; ++k) std::memcpy(dst + k * kPanel, dz_data + (k0 + k) * gates4 + j0, sizeof(float) * kPanel);
+  };
+  BlockedMatmul(depth, gates4, steps * batch, pack_a, pack_b, d_w->typed_data());
   return ffi::Error::Success();
 }
 
@@ -528,3 +575,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmAttnMatmul, MatmulImpl,
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmAttnWeightGradient, WeightGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [T, B, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hs [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // resets [T, B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dz [T, B, 4H]
+                                  .Attr<bool>("reverse")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [dW_ih; dW_hh] [F + H, 4H]

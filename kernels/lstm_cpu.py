@@ -34,7 +34,8 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name('lstm_cpu.cc')
 _FLAGS = ('-O3', '-mavx2', '-mfma', '-fopenmp', '-fPIC', '-shared', '-std=c++17')
-_FORWARD, _BACKWARD, _MATMUL = 'lstm_attn_lstm_forward', 'lstm_attn_lstm_backward', 'lstm_attn_matmul'
+_FORWARD, _BACKWARD = 'lstm_attn_lstm_forward', 'lstm_attn_lstm_backward'
+_MATMUL, _WEIGHT_GRADIENT = 'lstm_attn_matmul', 'lstm_attn_weight_gradient'
 # Units per packed weight panel in the kernel: the hidden size must be a multiple of it.
 UNIT_MULTIPLE = 16
 
@@ -87,6 +88,7 @@ def _load() -> tuple[bool, str]:
   jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.LstmAttnLstmForward), platform='cpu')
   jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.LstmAttnLstmBackward), platform='cpu')
   jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.LstmAttnMatmul), platform='cpu')
+  jax.ffi.register_ffi_target(_WEIGHT_GRADIENT, jax.ffi.pycapsule(lib.LstmAttnWeightGradient), platform='cpu')
   return True, ''
 
 
@@ -175,6 +177,25 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
   n = b.shape[0] if transpose_b else b.shape[1]
   call = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method='sequential')
   return call(a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def weight_gradient(x, hs, h0, resets, dz, *, reverse: bool):
+  """[dW_ih; dW_hh] [F + H, 4H] = [x, h_prev]^T dz over all T * B rows, h_prev read in place.
+
+  h_prev is the h each step's recurrent matmul read: hs shifted by one step in scan order (h0 first), zero
+  where resets [T, B, 1] is set. x [T, B, F], hs [T, B, H], h0 [B, H], dz [T, B, 4H].
+  """
+  num_steps, batch, features = x.shape
+  call = jax.ffi.ffi_call(
+    _WEIGHT_GRADIENT,
+    jax.ShapeDtypeStruct((features + hs.shape[-1], dz.shape[-1]), jnp.float32),
+    vmap_method='sequential',
+  )
+  f32 = jnp.float32
+  return call(
+    x.astype(f32), hs.astype(f32), h0.astype(f32), _flags(resets, num_steps, batch), dz.astype(f32),
+    reverse=bool(reverse),
+  )
 
 
 def _self_check() -> None:

@@ -315,12 +315,9 @@ def _layer_bwd(reverse, cdt, unroll, kernel, residuals, cotangents):
   sdt = h0.dtype
   if kernel:  # the recurrence in the CPU custom call; the weight gradients below are the same
     dz, d_h0, d_c0 = lstm_cpu.backward(d_hs, gates, c_prev, cT, w_hh, d_hT, d_cT, mask, resets, reverse=reverse)
-    h_prev = _shift(hs, h0, reverse)  # [T, B, H]: the h each step's recurrent matmul read
-    if resets is not None:
-      h_prev = jnp.where(resets, jnp.zeros((), h_prev.dtype), h_prev)
     dz_rows = _rows(dz)  # [T * B, 4H]
     # [dW_ih; dW_hh] = [x, h_prev]^T dz: one matmul over all T * B rows, in the kernel's GEMM.
-    d_w = lstm_cpu.matmul(_rows(jnp.concatenate([x, h_prev], axis=-1)), dz_rows, transpose_a=True)
+    d_w = lstm_cpu.weight_gradient(x, hs, h0, resets, dz, reverse=reverse)
     d_w_ih, d_w_hh = d_w[: x.shape[-1]].astype(w_ih.dtype), d_w[x.shape[-1] :].astype(w_hh.dtype)
     d_x = jnp.matmul(dz_rows, w_ih.T).reshape(x.shape).astype(x.dtype)  # [T, B, F]
     d_b = jnp.sum(dz_rows, axis=0).astype(b.dtype)
