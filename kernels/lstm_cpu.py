@@ -59,7 +59,7 @@ def _compiler() -> str | None:
   return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[bool, str]:
   """Builds (once per machine) and registers the custom calls: (ok, reason if not)."""
   if os.environ.get('LSTM_ATTN_CPU_KERNEL', '1') == '0':
@@ -74,22 +74,32 @@ def _load() -> tuple[bool, str]:
   source = _SOURCE.read_bytes()
   key = hashlib.sha256(source + ' '.join((compiler, *_FLAGS, jax.__version__)).encode()).hexdigest()[:16]
   library = _cache_dir() / f'lstm_cpu_{key}.so'
-  if not library.exists():
-    library.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent builders (pytest-xdist workers) never see half a file.
-    with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
-      partial = Path(build_dir) / library.name
-      command = [compiler, *_FLAGS, '-isystem', jax.ffi.include_dir(), str(_SOURCE), '-o', str(partial)]
-      result = subprocess.run(command, capture_output=True, text=True)
-      if result.returncode != 0:
-        return False, f'building {_SOURCE.name} failed ({" ".join(command)}):\n{result.stderr[-2000:]}'
-      os.replace(partial, library)
-  lib = ctypes.cdll.LoadLibrary(str(library))
-  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.LstmAttnLstmForward), platform='cpu')
-  jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.LstmAttnLstmBackward), platform='cpu')
-  jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.LstmAttnMatmul), platform='cpu')
-  jax.ffi.register_ffi_target(_WEIGHT_GRADIENT, jax.ffi.pycapsule(lib.LstmAttnWeightGradient), platform='cpu')
+  try:
+    if not library.exists():
+      library.parent.mkdir(parents=True, exist_ok=True)
+      # Build beside the target and rename: concurrent builders (pytest-xdist workers) never see half a file.
+      with tempfile.TemporaryDirectory(dir=library.parent) as build_dir:
+        partial = Path(build_dir) / library.name
+        command = [compiler, *_FLAGS, '-isystem', jax.ffi.include_dir(), str(_SOURCE), '-o', str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+          return False, f'building {_SOURCE.name} failed ({" ".join(command)}):\n{result.stderr[-2000:]}'
+        os.replace(partial, library)
+    lib = ctypes.cdll.LoadLibrary(str(library))
+  except OSError as error:  # an unwritable cache folder, a library that does not load
+    return False, f'building {_SOURCE.name} failed: {error} (set LSTM_ATTN_CACHE to a writable folder)'
+  targets = {
+    _FORWARD: lib.LstmAttnLstmForward,
+    _BACKWARD: lib.LstmAttnLstmBackward,
+    _MATMUL: lib.LstmAttnMatmul,
+    _WEIGHT_GRADIENT: lib.LstmAttnWeightGradient,
+  }
+  for name, handler in targets.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
   return True, ''
+
+
+_warned: list[bool] = []
 
 
 def unusable_reason(hidden_size: int, compute_dtype, state_dtype, projected: bool) -> str | None:
@@ -106,8 +116,9 @@ def unusable_reason(hidden_size: int, compute_dtype, state_dtype, projected: boo
     return f'hidden_size {hidden_size} is not a multiple of {UNIT_MULTIPLE}'
   ok, reason = _load()
   if not ok:
-    if reason.startswith('building'):
-      warnings.warn(f'lstm_attn: the CPU LSTM kernel is off, the scan runs instead: {reason}', stacklevel=2)
+    if reason.startswith('building') and not _warned:
+      _warned.append(True)  # once per process, not once per traced layer
+      warnings.warn(f'lstm_attn: the CPU LSTM kernel is off, the scan runs instead: {reason}', stacklevel=3)
     return reason
   return None
 
@@ -131,7 +142,10 @@ def forward(x, w_ih, b, w_hh, h0, c0, mask, resets, *, reverse: bool, keep_resid
   f32 = jnp.float32
   valid = jnp.ones((num_steps, batch), jnp.uint8) if mask is None else _flags(mask, num_steps, batch)
   residual_shapes = (
-    [jax.ShapeDtypeStruct((num_steps, batch, 4 * hidden), f32), jax.ShapeDtypeStruct((num_steps, batch, hidden), f32)]
+    [
+      jax.ShapeDtypeStruct((num_steps, batch, 4 * hidden), f32),
+      jax.ShapeDtypeStruct((num_steps, batch, hidden), f32),
+    ]  # fmt: skip
     if keep_residuals
     else [jax.ShapeDtypeStruct((0,), f32), jax.ShapeDtypeStruct((0,), f32)]
   )
@@ -193,7 +207,11 @@ def weight_gradient(x, hs, h0, resets, dz, *, reverse: bool):
   )
   f32 = jnp.float32
   return call(
-    x.astype(f32), hs.astype(f32), h0.astype(f32), _flags(resets, num_steps, batch), dz.astype(f32),
+    x.astype(f32),
+    hs.astype(f32),
+    h0.astype(f32),
+    _flags(resets, num_steps, batch),
+    dz.astype(f32),
     reverse=bool(reverse),
   )
 

@@ -278,7 +278,9 @@ def _layer_primal(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, un
   """`_layer_autodiff`, or with `kernel` the same recurrence as the CPU custom call (`lstm_cpu`)."""
   if not kernel:
     return _layer_autodiff(x, w_ih, b, w_hh, w_hr, h0, c0, mask, resets, reverse, cdt, unroll)
-  hs, hT, cT, _ = lstm_cpu.forward(x, w_ih, b, w_hh, h0, c0, mask, resets, reverse=reverse, keep_residuals=False)
+  hs, hT, cT, _ = lstm_cpu.forward(
+    x, w_ih, b, w_hh, h0, c0, mask, resets, reverse=reverse, keep_residuals=False
+  )
   return hs, hT, cT
 
 
@@ -314,7 +316,9 @@ def _layer_bwd(reverse, cdt, unroll, kernel, residuals, cotangents):
   d_hs, d_hT, d_cT = cotangents  # [T, B, R], [B, R], [B, H]
   sdt = h0.dtype
   if kernel:  # the recurrence in the CPU custom call; the weight gradients below are the same
-    dz, d_h0, d_c0 = lstm_cpu.backward(d_hs, gates, c_prev, cT, w_hh, d_hT, d_cT, mask, resets, reverse=reverse)
+    dz, d_h0, d_c0 = lstm_cpu.backward(
+      d_hs, gates, c_prev, cT, w_hh, d_hT, d_cT, mask, resets, reverse=reverse
+    )
     dz_rows = _rows(dz)  # [T * B, 4H]
     # [dW_ih; dW_hh] = [x, h_prev]^T dz: one matmul over all T * B rows, in the kernel's GEMM.
     d_w = lstm_cpu.weight_gradient(x, hs, h0, resets, dz, reverse=reverse)
