@@ -18,6 +18,8 @@ setup(
   python_requires='>=3.10',
   packages=_library + _kernels,
   package_dir={'lstm_attn.kernels': 'kernels'},
+  # The CPU LSTM kernel's C++ source, compiled on first use (kernels/lstm_cpu.py).
+  package_data={'lstm_attn.kernels': ['lstm_cpu.cc']},
   install_requires=[
     'jax>=0.10.2',
     'flax>=0.12',
