@@ -5,8 +5,8 @@
 // weight is packed once per call into 16-column panels that the register-blocked microkernel streams,
 // the gate nonlinearities are fused behind the matmul, and the work of each step is split by hidden unit
 // between threads (OpenMP) with one barrier per step. This is the design of oneDNN's RNN primitive, which
-// torch.nn.LSTM uses on CPU. The input projection x @ W_ih and the weight gradients stay in XLA: they
-// are single large matmuls over all steps.
+// torch.nn.LSTM uses on CPU. The input projection is fused into each step's matmul ([x_t, h] @ [W_ih;
+// W_hh]); [dW_ih; dW_hh] is one blocked GEMM over all steps (WeightGradientImpl); dx and db stay in XLA.
 //
 // Semantics are those of `lstm_attn.lstm._forward_scan` / `_layer_bwd` (its reference), gate order
 // (i, f, g, o), no projection (LSTMP), float32 only:
@@ -15,12 +15,12 @@
 //     z = xw[t] + b + h @ W_hh;  i, f, o = sigmoid(z_i, z_f, z_o);  g = tanh(z_g)
 //     c' = f * c + i * g;  h' = o * tanh(c');  if not mask[t, b]: h', c' = carry (a padded step)
 //   outputs hs[t] = h' (the carry after the step), hT, cT and, for the backward pass, the activated gates
-//   (written over xw: the buffers alias) and c_prev.
+//   and c_prev. (The caller never sets a reset at a padded step: lstm() masks resets with seq_lengths.)
 //   backward: the reverse of the above; outputs dz [T, B, 4H] (gradient of the pre-activations, written
 //   over the gates), dh0, dc0. The caller forms dW_hh, dW_ih, dx and db from dz with large matmuls.
 //
-// Shapes: xw/gates/dz [T, B, 4H] with 4H columns gate-major (column q * H + u is gate q of unit u);
-// w_hh [H, 4H]; h, c [B, H]; mask, resets [T, B] (uint8). H must be a multiple of 16.
+// Shapes: x [T, B, F], w_ih [F, 4H]; gates/dz [T, B, 4H] with 4H columns gate-major (column q * H + u
+// is gate q of unit u); w_hh [H, 4H]; h, c [B, H]; mask, resets [T, B] (uint8). H must be a multiple of 16.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -46,7 +46,8 @@ constexpr int kRows = 6;    // rows per microkernel call: 6 x 16 accumulators = 
 // rational approximation XLA:CPU and Eigen use (a few ulp); sigmoid(x) = 1 / (1 + exp(-x)).
 
 inline __m256 Exp(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+  // Bound first: min/max return their second operand when either is NaN, so NaN in x passes through.
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
@@ -74,7 +75,7 @@ inline __m256 Sigmoid(__m256 x) {
 
 inline __m256 Tanh(__m256 x) {
   const __m256 bound = _mm256_set1_ps(7.90531110763549805f);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), bound)), bound);
+  x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), bound), _mm256_min_ps(bound, x));  // NaN passes
   const __m256 x2 = _mm256_mul_ps(x, x);
   __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
   p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.00018790482477e-13f));
@@ -229,9 +230,10 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, 
 
 #pragma omp parallel num_threads(threads)
   {
-    const int me = omp_get_thread_num();
+    // Split by the team OpenMP actually started (OMP_THREAD_LIMIT or OMP_DYNAMIC may give fewer).
+    const int me = omp_get_thread_num(), team = omp_get_num_threads();
     int64_t u_begin, u_end;
-    OwnedUnits(hidden, threads, me, &u_begin, &u_end);
+    OwnedUnits(hidden, team, me, &u_begin, &u_end);
     for (int64_t u = u_begin; u < u_end; u += 8) {
       float* dst = packed + (u / 8) * 2 * depth * kPanel;
       for (int64_t k = 0; k < depth; ++k) {
@@ -300,7 +302,8 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih, 
     }
   }
   const int64_t t_last = reverse ? 0 : steps - 1;
-  std::memcpy(h_final->typed_data(), out_h + t_last * batch * hidden, sizeof(float) * batch * hidden);
+  const float* h_last = steps == 0 ? h0.typed_data() : out_h + t_last * batch * hidden;
+  std::memcpy(h_final->typed_data(), h_last, sizeof(float) * batch * hidden);
   std::memcpy(c_final->typed_data(), cell, sizeof(float) * batch * hidden);
   return ffi::Error::Success();
 }
@@ -336,9 +339,10 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> d_hs, ffi::Buffer<ffi::F32> ga
 
 #pragma omp parallel num_threads(threads)
   {
-    const int me = omp_get_thread_num();
+    // Split by the team OpenMP actually started (OMP_THREAD_LIMIT or OMP_DYNAMIC may give fewer).
+    const int me = omp_get_thread_num(), team = omp_get_num_threads();
     int64_t u_begin, u_end;
-    OwnedUnits(hidden, threads, me, &u_begin, &u_end);
+    OwnedUnits(hidden, team, me, &u_begin, &u_end);
     for (int64_t u = u_begin; u < u_end; u += kPanel) {
       float* dst = packed + (u / kPanel) * gates4 * kPanel;
       for (int64_t k = 0; k < gates4; ++k)
@@ -444,9 +448,10 @@ void BlockedMatmul(int64_t m, int64_t n, int64_t k_total, PackA pack_a, PackB pa
 
 #pragma omp parallel num_threads(threads)
   {
-    const int me = omp_get_thread_num();
+    // Split by the team OpenMP actually started (OMP_THREAD_LIMIT or OMP_DYNAMIC may give fewer).
+    const int me = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t share = split_rows ? row_blocks : panels;
-    const int64_t begin = share * me / threads, end = share * (me + 1) / threads;
+    const int64_t begin = share * me / team, end = share * (me + 1) / team;
     const int64_t rb_begin = split_rows ? begin : 0, rb_end = split_rows ? end : row_blocks;
     const int64_t p_begin = split_rows ? 0 : begin, p_end = split_rows ? panels : end;
     std::vector<float> b_pack_store((p_end - p_begin) * kKc * kPanel + 8);

@@ -492,7 +492,8 @@ def lstm(
     cpu_kernel: run the recurrence (forward and backward) as the AVX2 custom call of
       `lstm_attn.kernels.lstm_cpu` instead of the `lax.scan`: None (default) where it can (float32, no
       projection, hidden_size a multiple of 16, one CPU device, custom_vjp, the kernel built), False
-      never, True always (a ValueError says why it cannot). Same values to float32 rounding.
+      never, True always (a ValueError says why it cannot). Same values to float32 rounding. The
+      custom call has no derivative of its own: for second-order gradients pass cpu_kernel=False.
 
   Returns:
     outputs: [batch, time, num_directions * (proj_size or hidden_size)] in the compute dtype (forward and

@@ -73,6 +73,16 @@ def test_kernel_matches_float64_scan(name, monkeypatch):
       assert_close(g, g_ref, what=f'{name} {what} {jax.tree_util.keystr(path)}')
 
 
+def test_nan_in_a_valid_step_propagates_as_in_the_scan():
+  """A diverged run must show NaN: the vector exp/tanh clamp their inputs, and NaN must pass the clamp."""
+  params = lstm_lib.init_lstm(jax.random.key(0), 8, 32)
+  x = jax.random.normal(jax.random.key(1), (3, 5, 8)).at[1, 2, 0].set(jnp.nan)
+  fast, _ = lstm_lib.lstm(params, x, cpu_kernel=True)
+  slow, _ = lstm_lib.lstm(params, x, cpu_kernel=False)
+  np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))
+  assert np.isnan(fast).sum() > 0
+
+
 def test_default_uses_the_kernel_and_false_the_scan():
   params = lstm_lib.init_lstm(jax.random.key(0), 8, 32)
   x = jnp.ones((2, 3, 8))
